@@ -1,0 +1,16 @@
+"""latentdiff: Stable Diffusion from the ground up.
+
+    import latentdiff, torch
+    pipe = latentdiff.load(path, device="cpu", dtype=torch.float32)  # diffusers folder or single file
+    emb = pipe.encode_prompt(["a red circle", "a cat"])             # (B, 77, D)
+    eps = pipe.unet(x, t, emb)                                     # noise prediction
+    post = pipe.vae.encode(images); img = pipe.vae.decode(latents)
+    pipe.save("out_folder")                                        # or "model.safetensors"
+"""
+
+from .checkpoints.errors import CheckpointError
+from .loading import load, load_component
+from .pipeline import Pipeline
+
+__all__ = ["CheckpointError", "Pipeline", "load", "load_component"]
+__version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""``latentdiff.load`` and ``latentdiff.load_component``: every checkpoint layout people have.
+
+- a diffusers pipeline folder (``model_index.json``);
+- an original single-file SD 1.x checkpoint (``.safetensors``, or ``.ckpt`` read with
+  ``weights_only=True``), its configs worked out from the tensor shapes; the
+  tokenizer then comes from a folder the user names (single files carry none);
+- a lone component: a diffusers component folder, or a stand-alone VAE file in
+  either layout (e.g. an ``ft-mse`` VAE to swap in).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import single_file
+from .checkpoints.diffusers_folder import KINDS, build_model, load_component_folder, read_json
+from .checkpoints.errors import CheckpointError
+from .checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, read_state_dict
+from .models.clip import CLIPTextConfig
+from .models.tokenizer import CLIPTokenizer
+from .models.unet import UNetConfig
+from .models.vae import AutoencoderKL, VAEConfig
+from .pipeline import Pipeline
+from .schedule import ScheduleConfig
+
+BUILTIN_MODEL = Path(__file__).parent / "weights" / "shapes-v1"
+
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
+
+def load(
+    path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    tokenizer: str | Path | None = None,
+    vae: str | Path | None = None,
+    variant: str | None = None,
+) -> Pipeline:
+    """Load a Stable Diffusion pipeline.
+
+    Args:
+        path: a diffusers folder or an original single file; None for the built-in model.
+        device, dtype: where the networks live and their floating point type.
+        tokenizer: tokenizer folder for a single-file checkpoint (or to override a folder's).
+        vae: a VAE folder or file that replaces the checkpoint's own.
+        variant: weight-file variant to prefer in a diffusers folder (e.g. "fp16").
+    """
+    if path is None:
+        if not (BUILTIN_MODEL / "model_index.json").is_file():
+            raise CheckpointError(
+                "the built-in model is not installed in this version of latentdiff; pass a model path"
+            )
+        path = BUILTIN_MODEL
+    path = Path(path)
+    if path.is_dir():
+        pipe = _load_folder(path, device, dtype, variant)
+        if tokenizer is not None:
+            pipe.tokenizer = CLIPTokenizer.from_folder(tokenizer)
+    elif path.is_file():
+        if tokenizer is None:
+            raise CheckpointError(
+                f"{path.name} is a single-file checkpoint, which carries no tokenizer: "
+                "name a tokenizer folder (vocab.json + merges.txt, or tokenizer.json)"
+            )
+        pipe = _load_single_file(path, device, dtype, CLIPTokenizer.from_folder(tokenizer))
+    else:
+        raise CheckpointError(f"no such model file or folder: {path}")
+    if vae is not None:
+        new_vae = load_component(vae, device=device, dtype=dtype)
+        if not isinstance(new_vae, AutoencoderKL):
+            raise CheckpointError(f"{vae} is not a VAE")
+        pipe.vae = new_vae
+    return pipe
+
+
+def _load_folder(folder: Path, device: torch.device | str, dtype: torch.dtype, variant: str | None) -> Pipeline:
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else None
+    if index is None:
+        raise CheckpointError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
+    parts: dict[str, nn.Module] = {}
+    for name in KINDS:
+        if not (folder / name).is_dir():
+            raise CheckpointError(f"{folder} is missing its {name}/ folder")
+        parts[name] = load_component_folder(folder / name, device, dtype, variant)  # type: ignore[assignment]
+    tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    schedule = ScheduleConfig.from_dict(read_json(scheduler_file)) if scheduler_file.is_file() else ScheduleConfig()
+    return Pipeline(
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=tokenizer,
+        schedule=schedule,
+        name=folder.name,
+    )
+
+
+def _build_from_original(sd: StateDict, device, dtype, where: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    configs = single_file.infer_configs(sd)
+    unet_sd, vae_sd, text_sd, ignored = single_file.split_single_file(sd)
+    if ignored:
+        warnings.warn(f"{where}: ignored {len(ignored)} non-weight entries (e.g. {', '.join(ignored[:3])})", stacklevel=3)
+    unet = build_model(KINDS["unet"], UNetConfig.from_dict(configs["unet"]), unet_sd, device, dtype, f"unet ({where})")
+    vae = build_model(KINDS["vae"], VAEConfig.from_dict(configs["vae"]), vae_sd, device, dtype, f"vae ({where})")
+    text = build_model(
+        KINDS["text_encoder"], CLIPTextConfig.from_dict(configs["text_encoder"]), text_sd, device, dtype, f"text encoder ({where})"
+    )
+    return unet, vae, text
+
+
+def _load_single_file(path: Path, device, dtype, tokenizer: CLIPTokenizer) -> Pipeline:
+    sd = read_state_dict(path)
+    unet, vae, text = _build_from_original(sd, device, dtype, path.name)
+    return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=ScheduleConfig(), name=path.stem)
+
+
+def load_component(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+) -> nn.Module | CLIPTokenizer:
+    """Load one component: a diffusers component folder (unet/, vae/, text_encoder/, tokenizer/),
+    a weight file inside such a folder, or a stand-alone VAE single file in the original layout.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return load_component_folder(path, device, dtype, variant)
+    if not path.is_file():
+        raise CheckpointError(f"no such component file or folder: {path}")
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"{path.name}: not a weight file ({', '.join(WEIGHT_SUFFIXES)})")
+    if (path.parent / "config.json").is_file():  # a weight file inside a component folder
+        raw = read_json(path.parent / "config.json")
+        from .checkpoints.diffusers_folder import kind_of_config
+
+        kind = kind_of_config(raw, path.parent / "config.json")
+        sd = read_state_dict(path)
+        return build_model(kind, kind.config_cls.from_dict(raw), sd, device, dtype, f"{kind.name} ({path})")
+    return _load_lone_vae_file(path, device, dtype)
+
+
+def _load_lone_vae_file(path: Path, device, dtype) -> nn.Module:
+    """A VAE single file in the original layout (``encoder.down.0...`` or ``first_stage_model.*``)."""
+    sd = read_state_dict(path)
+    keys = list(sd)
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        raise CheckpointError(f"{path.name} is a whole pipeline checkpoint: load it with latentdiff.load()")
+    if not any(k.startswith(("encoder.", "decoder.", "first_stage_model.")) for k in keys):
+        raise CheckpointError(f"{path.name}: neither a VAE nor a pipeline checkpoint (first keys: {', '.join(keys[:3])})")
+    vae_sd = {
+        k.removeprefix("first_stage_model."): v
+        for k, v in sd.items()
+        if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model."))
+    }
+    if any(k.startswith("encoder.down_blocks.") for k in vae_sd):  # already the diffusers layout
+        raise CheckpointError(f"{path.name}: a diffusers-layout VAE file needs its config.json beside it")
+    ignored = sorted(set(sd) - {k for k in sd if k.removeprefix("first_stage_model.") in vae_sd})
+    if ignored:
+        warnings.warn(f"{path.name}: ignored {len(ignored)} non-VAE entries (e.g. {', '.join(ignored[:3])})", stacklevel=3)
+    original = {f"first_stage_model.{k}": v for k, v in vae_sd.items()}
+    config = VAEConfig.from_dict(single_file._infer_vae(original))
+    diffusers_sd = single_file.vae_from_original(original, config)
+    return build_model(KINDS["vae"], config, diffusers_sd, device, dtype, f"vae ({path.name})")
