@@ -1,9 +1,8 @@
 """The Stable Diffusion pipeline: the three networks, the tokenizer and the noise schedule.
 
-``Pipeline`` owns the components and the operations on them that every
-application shares: encode a prompt, save.  The applications (txt2img,
-img2img, inpaint) are methods defined in :mod:`latentdiff.generate`, which all
-run one shared denoising loop.
+``Pipeline`` owns the components and the operations on them: encode a prompt,
+generate (txt2img, img2img, inpaint: thin methods over :mod:`latentdiff.generate`,
+where the three share one denoising loop), save.
 """
 
 from __future__ import annotations
@@ -15,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from PIL import Image
+
+from . import generate
 from .checkpoints import single_file
 from .checkpoints.diffusers_folder import DIFFUSERS_VERSION, KINDS, save_component
 from .checkpoints.io import write_safetensors
@@ -73,6 +75,100 @@ class Pipeline:
             return self.text_encoder(ids.to(device), skip_last_layers=clip_skip - 1)
 
         return encode_chunks(encode, chunks)
+
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at: UNet sample size x VAE factor (512 for SD 1.x)."""
+        return self.unet.config.sample_size * self.vae_factor
+
+    def _settings(self, prompts, negative_prompt, width, height, steps, guidance_scale, sampler, seed,
+                  images_per_prompt, eta, clip_skip, strength=None) -> generate.Settings:
+        return generate.make_settings(
+            self, prompts, negative_prompt, width or self.native_size, height or self.native_size, steps,
+            guidance_scale, sampler, seed, images_per_prompt, eta, clip_skip, strength,
+        )
+
+    def txt2img(
+        self,
+        prompts: str | list[str],
+        negative_prompt: str | list[str] = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str = "ddim",
+        seed: int = 0,
+        images_per_prompt: int = 1,
+        eta: float = 0.0,
+        clip_skip: int = 1,
+        callback: generate.StepCallback | None = None,
+        vae_tiling: bool = False,
+    ) -> list[Image.Image]:
+        """Text to image. Image i uses seed + i. Size defaults to the model's native size.
+
+        ``callback(step, total, x0_pred)`` runs after every step; returning True cancels
+        (raises :class:`latentdiff.samplers.SamplingCancelled`). Guidance <= 1 skips the
+        unconditional pass.
+        """
+        settings = self._settings(prompts, negative_prompt, width, height, steps, guidance_scale, sampler, seed,
+                                  images_per_prompt, eta, clip_skip)
+        return generate.txt2img(self, settings, callback, vae_tiling)
+
+    def img2img(
+        self,
+        prompts: str | list[str],
+        image: Image.Image,
+        strength: float = 0.75,
+        negative_prompt: str | list[str] = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str = "ddim",
+        seed: int = 0,
+        images_per_prompt: int = 1,
+        eta: float = 0.0,
+        clip_skip: int = 1,
+        callback: generate.StepCallback | None = None,
+        vae_tiling: bool = False,
+    ) -> list[Image.Image]:
+        """SDEdit: encode ``image``, noise it to ``strength``, run the last int(steps x strength) steps.
+
+        Size defaults to the image's own (which must then be a multiple of the VAE factor).
+        """
+        settings = self._settings(prompts, negative_prompt, width or image.width, height or image.height, steps,
+                                  guidance_scale, sampler, seed, images_per_prompt, eta, clip_skip, strength)
+        return generate.img2img(self, settings, image, callback, vae_tiling)
+
+    def inpaint(
+        self,
+        prompts: str | list[str],
+        image: Image.Image,
+        mask: Image.Image,
+        strength: float = 1.0,
+        negative_prompt: str | list[str] = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str = "ddim",
+        seed: int = 0,
+        images_per_prompt: int = 1,
+        eta: float = 0.0,
+        clip_skip: int = 1,
+        callback: generate.StepCallback | None = None,
+        vae_tiling: bool = False,
+        paste_back: bool = True,
+    ) -> list[Image.Image]:
+        """Repaint the white pixels of ``mask``, keep the black ones.
+
+        A 9-channel inpainting UNet gets mask + masked-image latents as extra input; a
+        4-channel one uses blended latent diffusion. With ``paste_back`` the kept pixels
+        come back exactly as they were in ``image``.
+        """
+        settings = self._settings(prompts, negative_prompt, width or image.width, height or image.height, steps,
+                                  guidance_scale, sampler, seed, images_per_prompt, eta, clip_skip, strength)
+        return generate.inpaint(self, settings, image, mask, callback, vae_tiling, paste_back)
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         """Save as a diffusers folder (loadable by ``diffusers.StableDiffusionPipeline``),

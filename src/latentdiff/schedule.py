@@ -151,7 +151,8 @@ class SigmaPlan:
         return x if s == 0.0 else x / math.sqrt(1.0 + s * s)
 
     def tail(self, start: int) -> "SigmaPlan":
-        """The plan from step ``start`` on (img2img)."""
+        """The plan from step ``start`` on (img2img); its ``init_noise_sigma`` is its first
+        sigma (the clean latent is noised to ``x0 + sigmas[0] * noise``)."""
         opts = dict(self.options)
         if "sigmas_prev" in opts:
             opts["sigmas_prev"] = opts["sigmas_prev"][start:]
@@ -330,12 +331,14 @@ class NoiseSchedule:
         return (max_inv + ramp * (min_inv - max_inv)) ** rho
 
     # -- plans -----------------------------------------------------------------------
-    def plan(self, kind: str, steps: int, *, strength: float = 1.0) -> SigmaPlan:
+    def plan(self, kind: str, steps: int, *, strength: float | None = None) -> SigmaPlan:
         """Sigma plan mirroring ``<diffusers scheduler>.set_timesteps(steps)`` (see
-        :data:`PLAN_KINDS`), optionally cut to the img2img tail for ``strength < 1``
-        (:func:`img2img_start`).  For img2img the starting sample is
-        ``x0 + plan.sigmas[0] * noise`` (what diffusers' ``add_noise`` gives in every scheduler,
-        in sigma space)."""
+        :data:`PLAN_KINDS`).
+
+        With ``strength`` (img2img/inpainting), the plan is cut to the tail that diffusers runs
+        (:func:`img2img_start`) and ``init_noise_sigma`` is ``sigmas[0]``: the starting sample
+        is ``x0 + plan.sigmas[0] * noise``, which is what diffusers' ``add_noise`` gives in
+        every scheduler, in sigma space."""
         if kind == "ddim":
             plan = self._plan_ddim(steps)
         elif kind == "ddpm":
@@ -349,7 +352,7 @@ class NoiseSchedule:
         else:
             raise ValueError(f"unknown plan kind {kind!r}; valid: {sorted(PLAN_KINDS)}")
         plan.kind = kind
-        if strength < 1.0:
+        if strength is not None:
             start = img2img_start(steps, strength)
             if start >= steps:
                 raise ValueError(f"strength={strength} with {steps} steps leaves no step to run")

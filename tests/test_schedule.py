@@ -1,0 +1,248 @@
+"""Noise schedule against diffusers' schedulers (the test-only oracle)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from latentdiff.schedule import NoiseSchedule, ScheduleConfig, img2img_start  # noqa: E402
+
+SPACINGS = ["leading", "linspace", "trailing"]
+STEP_COUNTS = [1, 2, 3, 7, 10, 20, 25, 50, 999]
+
+SD15_SCHEDULER_CONFIG = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+def make(cls, cfg, **extra):
+    return getattr(diffusers, cls).from_config({**cfg.to_dict(cls), **extra})
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_defaults_are_sd1():
+    c = ScheduleConfig()
+    assert (c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule) == (1000, 0.00085, 0.012, "scaled_linear")
+    assert (c.timestep_spacing, c.steps_offset, c.prediction_type) == ("leading", 1, "epsilon")
+    assert not c.clip_sample and not c.set_alpha_to_one
+
+
+def test_config_from_dict_ignores_unknown_keys_and_roundtrips():
+    c = ScheduleConfig.from_dict(SD15_SCHEDULER_CONFIG)
+    assert c == ScheduleConfig()
+    c2 = ScheduleConfig.from_dict({**c.to_dict(), "prediction_type": "v_prediction", "timestep_spacing": "trailing"})
+    assert c2.prediction_type == "v_prediction" and c2.timestep_spacing == "trailing"
+    assert ScheduleConfig.from_dict(c2.to_dict("EulerDiscreteScheduler")) == c2
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler"])
+def test_to_dict_accepted_by_diffusers(cls):
+    cfg = ScheduleConfig(timestep_spacing="trailing", prediction_type="v_prediction")
+    d = cfg.to_dict(cls)
+    assert d["_class_name"] == cls
+    s = getattr(diffusers, cls).from_config(d)
+    for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "timestep_spacing",
+              "steps_offset", "prediction_type"):
+        assert s.config[k] == getattr(cfg, k), k
+
+
+@pytest.mark.parametrize("bad", [{"timestep_spacing": "nope"}, {"beta_schedule": "nope"}, {"prediction_type": "x"}])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        ScheduleConfig(**bad)
+
+
+# ----------------------------------------------------------------------------- tables
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
+def test_alphas_cumprod_and_sigmas_bitwise(beta_schedule):
+    cfg = ScheduleConfig(beta_schedule=beta_schedule)
+    ns = NoiseSchedule(cfg)
+    ref = make("DDIMScheduler", cfg)
+    assert ns.alphas_cumprod.dtype == torch.float32
+    assert torch.equal(ns.betas, ref.betas)
+    assert torch.equal(ns.alphas_cumprod, ref.alphas_cumprod)
+    eul = make("EulerDiscreteScheduler", cfg)
+    assert torch.equal(ns.sigmas, eul.sigmas[:-1].flip(0))
+
+
+def test_trained_betas():
+    betas = np.linspace(1e-4, 2e-2, 1000).tolist()
+    cfg = ScheduleConfig.from_dict({"trained_betas": betas})
+    ns = NoiseSchedule(cfg)
+    assert torch.equal(ns.alphas_cumprod, make("DDIMScheduler", cfg).alphas_cumprod)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_timesteps_match_diffusers(spacing):
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    ns = NoiseSchedule(cfg)
+    ddim, euler = make("DDIMScheduler", cfg), make("EulerDiscreteScheduler", cfg)
+    dpm, unipc = make("DPMSolverMultistepScheduler", cfg), make("UniPCMultistepScheduler", cfg)
+    for n in STEP_COUNTS:
+        ddim.set_timesteps(n)
+        euler.set_timesteps(n)
+        dpm.set_timesteps(n)
+        unipc.set_timesteps(n)
+        assert torch.equal(ns.timesteps(n, "discrete"), ddim.timesteps), n
+        assert torch.equal(ns.timesteps(n, "continuous"), euler.timesteps), n
+        assert torch.equal(ns.timesteps(n, "multistep"), dpm.timesteps), n
+        assert torch.equal(ns.timesteps(n, "multistep"), unipc.timesteps), n
+
+
+# ----------------------------------------------------------------------------- plans
+def _close(a, b, rtol=1e-6):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.allclose(a, b, rtol=rtol, atol=1e-7), (a, b)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("n", [1, 7, 10, 25])
+def test_k_plans_match_diffusers_sigmas(spacing, n):
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    ns = NoiseSchedule(cfg)
+    for kind, cls, extra in [
+        ("euler", "EulerDiscreteScheduler", {}),
+        ("euler", "EulerAncestralDiscreteScheduler", {}),
+        ("euler", "LMSDiscreteScheduler", {}),
+        ("euler_karras", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+        ("dpm", "DPMSolverMultistepScheduler", {}),
+        ("dpm", "UniPCMultistepScheduler", {}),
+        ("dpm_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ]:
+        ref = make(cls, cfg, **extra)
+        ref.set_timesteps(n)
+        plan = ns.plan(kind, n)
+        assert plan.sigmas.dtype == torch.float32
+        _close(plan.sigmas, ref.sigmas)
+        init = float(ref.init_noise_sigma)
+        if kind.startswith("dpm"):  # VP scheduler: unit noise in VP space
+            init = math.sqrt(1 + float(plan.sigmas[0]) ** 2)
+        assert plan.init_noise_sigma == pytest.approx(init, rel=1e-6)
+        # the timesteps the model gets from sigma_to_t
+        t = ns.sigma_to_t(plan.sigmas[:-1], quantize=plan.discrete_timesteps)
+        assert torch.allclose(t, ref.timesteps.float(), atol=2e-3), (kind, t, ref.timesteps)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_heun_plan_is_undoubled_diffusers_list(spacing):
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    ref = make("HeunDiscreteScheduler", cfg)
+    ref.set_timesteps(10)
+    plan = NoiseSchedule(cfg).plan("euler", 10)
+    _close(torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2], ref.sigmas[-1:]]), plan.sigmas)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_ddim_ddpm_pndm_plans(spacing, set_alpha_to_one):
+    cfg = ScheduleConfig(timestep_spacing=spacing, set_alpha_to_one=set_alpha_to_one)
+    ns = NoiseSchedule(cfg)
+    for n in [1, 7, 10, 25]:
+        ddim = make("DDIMScheduler", cfg)
+        ddim.set_timesteps(n)
+        plan = ns.plan("ddim", n)
+        _close(plan.sigmas[:-1], ns.sigmas[ddim.timesteps])
+        prev_t = int(ddim.timesteps[-1]) - 1000 // n  # diffusers: t - T // steps, or the final alpha
+        final = float(ns.sigmas[prev_t]) if prev_t >= 0 else (0.0 if set_alpha_to_one else float(ns.sigmas[0]))
+        assert float(plan.sigmas[-1]) == pytest.approx(final)
+        assert plan.discrete_timesteps
+        assert torch.equal(ns.sigma_to_t(plan.sigmas[:-1], quantize=True), ddim.timesteps.float())
+        ddpm = ns.plan("ddpm", n)
+        assert float(ddpm.sigmas[-1]) == 0.0
+        _close(ddpm.sigmas[:-1], plan.sigmas[:-1])
+        pndm = make("PNDMScheduler", cfg)
+        pndm.set_timesteps(n)
+        plms = ns.plan("pndm", n)
+        ts = pndm.timesteps if n == 1 else torch.cat([pndm.timesteps[:1], pndm.timesteps[2:]])  # drop the repeat
+        _close(plms.sigmas[:-1], ns.sigmas[ts])
+
+
+def test_leading_plans_need_no_quirk_options():
+    ns = NoiseSchedule()
+    for kind in ("ddim", "pndm"):
+        for n in (10, 25, 50):
+            assert ns.plan(kind, n).options == {}
+
+
+def test_to_vp():
+    ns = NoiseSchedule()
+    plan = ns.plan("ddim", 10)
+    x = torch.ones(3)
+    s = float(plan.sigmas[-1])
+    assert torch.allclose(plan.to_vp(x), x * math.sqrt(float(ns.alphas_cumprod[0])), rtol=1e-6)
+    assert s > 0
+    assert torch.equal(ns.plan("euler", 10).to_vp(x), x)
+
+
+# ----------------------------------------------------------------------------- sigma <-> t
+def test_sigma_to_t_exact_at_training_sigmas():
+    ns = NoiseSchedule()
+    t = ns.sigma_to_t(ns.sigmas)
+    assert torch.equal(t, torch.arange(1000, dtype=torch.float32))
+    assert torch.equal(ns.t_to_sigma(torch.arange(1000)), ns.sigmas)
+
+
+def test_sigma_to_t_matches_diffusers_and_clips():
+    ns = NoiseSchedule()
+    ref = make("EulerDiscreteScheduler", ScheduleConfig())
+    log_sigmas = np.log(ns.sigmas.numpy())
+    sig = ns.karras_sigmas(37).numpy()
+    ours = ns.sigma_to_t(torch.from_numpy(sig)).numpy()
+    theirs = np.array([ref._sigma_to_t(s, log_sigmas) for s in sig])
+    assert np.allclose(ours, theirs, atol=1e-3)
+    assert float(ns.sigma_to_t(1e-6)) == 0.0 and float(ns.sigma_to_t(1e6)) == 999.0
+    # fractional t: t_to_sigma (linear in sigma) and sigma_to_t (linear in log-sigma) nearly invert
+    t = torch.tensor([957.375, 500.5, 41.625, 3.25])
+    assert torch.allclose(ns.sigma_to_t(ns.t_to_sigma(t)), t, atol=0.05)
+
+
+def test_karras_sigmas_match_diffusers():
+    ns = NoiseSchedule()
+    ref = make("DPMSolverMultistepScheduler", ScheduleConfig(), use_karras_sigmas=True)
+    ref.set_timesteps(20)
+    _close(ns.karras_sigmas(20).float(), ref.sigmas[:-1])
+    k = ns.karras_sigmas(5, 0.1, 10.0)
+    assert float(k[0]) == pytest.approx(10.0) and float(k[-1]) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- img2img
+@pytest.mark.parametrize("steps,strength", [(50, 0.8), (10, 0.75), (25, 0.3), (10, 1.0), (7, 0.5)])
+def test_img2img_tail_matches_diffusers_get_timesteps(steps, strength):
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    assert img2img_start(steps, strength) == t_start
+    ns = NoiseSchedule()
+    for kind, cls in [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler"),
+                      ("dpm", "DPMSolverMultistepScheduler")]:
+        ref = make(cls, ScheduleConfig())
+        ref.set_timesteps(steps)
+        ts = ref.timesteps[t_start * ref.order:]
+        plan = ns.plan(kind, steps, strength=strength)
+        assert plan.steps == len(ts) == init_timestep
+        assert torch.allclose(ns.sigma_to_t(plan.sigmas[:-1], quantize=plan.discrete_timesteps),
+                              ts.float(), atol=1e-3)
+        assert plan.init_noise_sigma == float(plan.sigmas[0])
+
+
+def test_img2img_rejects_empty_and_bad_strength():
+    ns = NoiseSchedule()
+    with pytest.raises(ValueError):
+        ns.plan("euler", 10, strength=0.05)
+    with pytest.raises(ValueError):
+        img2img_start(10, 1.5)
+    with pytest.raises(ValueError):
+        ns.plan("nope", 10)
