@@ -1,0 +1,183 @@
+"""The ``latentdiff`` command: argument parsing only; the work is done by the library.
+
+    latentdiff generate PROMPT [--model M] [--negative N] [--steps 20] [--guidance 7.5]
+                               [--sampler ddim] [--seed 0] [--width W] [--height H] [--batch 1] [--out out.png]
+    latentdiff img2img  PROMPT --image IMG [--strength 0.75] ...
+    latentdiff inpaint  PROMPT --image IMG --mask MASK [--strength 1.0] [--no-paste-back] ...
+    latentdiff samplers
+    latentdiff train    vae|unet ...
+
+Bad arguments (size not a multiple of the VAE factor, strength outside [0, 1], a mask
+whose size differs from the image, an unknown sampler, a missing model or file) print
+one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+
+def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None) -> None:
+    p.add_argument("prompt", help="the text prompt (A1111 weighting syntax allowed: (word:1.3), [word])")
+    p.add_argument("--model", help="diffusers folder or single-file checkpoint (default: the built-in model)")
+    p.add_argument("--tokenizer", help="tokenizer folder, needed with a single-file checkpoint")
+    p.add_argument("--vae", help="a VAE folder or file to use instead of the model's own")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--sampler", default="ddim", help="sampler id or A1111 name (see `latentdiff samplers`)")
+    p.add_argument("--seed", type=int, default=0, help="image i of the batch uses seed + i (default 0)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--clip-skip", type=int, default=1, help="A1111 'Clip skip' (default 1: last layer)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--tile-vae", action="store_true", help="encode/decode in overlapping tiles (large images)")
+    p.add_argument("--out", default="out.png", help="output PNG; a batch writes NAME-0.png, NAME-1.png, ...")
+    p.add_argument("--upscale", type=int, default=1, metavar="N",
+                   help="also write an N-times larger nearest-neighbour copy for viewing (NAME.xN.png)")
+    if strength is not None:
+        p.add_argument("--image", required=True, help="the input image")
+        p.add_argument("--strength", type=float, default=strength,
+                       help=f"how much to change the image, 0..1 (default {strength})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = commands.add_parser("generate", help="text to image")
+    _add_generation_arguments(gen, None)
+    gen.set_defaults(func=run_generate)
+    i2i = commands.add_parser("img2img", help="image to image (SDEdit)")
+    _add_generation_arguments(i2i, 0.75)
+    i2i.set_defaults(func=run_generate)
+    inp = commands.add_parser("inpaint", help="repaint the white part of a mask")
+    _add_generation_arguments(inp, 1.0)
+    inp.add_argument("--mask", required=True, help="mask image: white is repainted, black is kept")
+    inp.add_argument("--no-paste-back", action="store_true", help="do not restore the kept pixels exactly")
+    inp.set_defaults(func=run_generate)
+    samplers = commands.add_parser("samplers", help="list the samplers")
+    samplers.set_defaults(func=run_samplers)
+    try:
+        from .train.cli import add_train_parser
+    except ImportError:  # training extras missing: the rest of the CLI still works
+        pass
+    else:
+        add_train_parser(commands)
+    return parser
+
+
+def _open_image(path: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{what} {path} is not a readable image: {err}") from None
+    return image
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for a batch."""
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        path = path.with_suffix(".png")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import latentdiff
+    from latentdiff.png import save_png
+    from latentdiff.samplers import get_sampler
+
+    get_sampler(args.sampler)  # an unknown sampler fails before the model loads
+    image = _open_image(args.image, "image") if args.command != "generate" else None
+    mask = _open_image(args.mask, "mask") if args.command == "inpaint" else None
+    if mask is not None and mask.size != image.size:
+        raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} differs from image size {image.size[0]}x{image.size[1]}")
+    strength = getattr(args, "strength", None)
+    if strength is not None and not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if args.upscale < 1:
+        raise ValueError(f"--upscale must be at least 1, got {args.upscale}")
+
+    pipe = latentdiff.load(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                           tokenizer=args.tokenizer, vae=args.vae)
+    bars: list[tqdm] = []  # created at the first step, so that argument errors print one clean line
+
+    def progress(step: int, total: int, _x0) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc=args.command, unit="step", leave=False))
+        bars[0].update(1)
+
+    common = dict(negative_prompt=args.negative, width=args.width, height=args.height, steps=args.steps,
+                  guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, images_per_prompt=args.batch,
+                  eta=args.eta, clip_skip=args.clip_skip, callback=progress, vae_tiling=args.tile_vae)
+    try:
+        if args.command == "generate":
+            images = pipe.txt2img(args.prompt, **common)
+        elif args.command == "img2img":
+            images = pipe.img2img(args.prompt, image=image, strength=args.strength, **common)
+        else:
+            images = pipe.inpaint(args.prompt, image=image, mask=mask, strength=args.strength,
+                                  paste_back=not args.no_paste_back, **common)
+    finally:
+        for bar in bars:
+            bar.close()
+    for image_out, path in zip(images, output_paths(args.out, len(images))):
+        save_png(image_out, path)
+        print(path)
+        if args.upscale > 1:
+            big = path.with_name(f"{path.stem}.x{args.upscale}.png")
+            save_png(image_out.resize((image_out.width * args.upscale, image_out.height * args.upscale), 0), big,
+                     image_out.info.get("parameters"))
+            print(big)
+    return 0
+
+
+def run_samplers(args: argparse.Namespace) -> int:
+    from latentdiff.samplers import SAMPLERS
+
+    width = max(len(s.id) for s in SAMPLERS.values())
+    for spec in SAMPLERS.values():
+        print(f"{spec.id:<{width}}  {spec.name:<16} (diffusers: {spec.diffusers_class})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad arguments, with one line on stderr)."""
+    from .checkpoints.errors import CheckpointError
+    from .models.config import ConfigError
+    from .models.tokenizer import TokenizerError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as err:
+        print(f"latentdiff: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("latentdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
