@@ -108,10 +108,15 @@ _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head causal self-attention."""
+    """Multi-head self-attention: causal for the text tower, full for CLIP's image tower.
 
-    def __init__(self, config: CLIPTextConfig) -> None:
+    ``config`` is any config with ``hidden_size`` and ``num_attention_heads`` (the text or
+    the vision config); ``causal`` adds no weights, so keys are the same either way.
+    """
+
+    def __init__(self, config: CLIPTextConfig, causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal
         self.num_heads = config.num_attention_heads
         d = config.hidden_size
         self.q_proj = nn.Linear(d, d)
@@ -127,7 +132,7 @@ class CLIPAttention(nn.Module):
             return y.view(b, t, h, d // h).transpose(1, 2)  # (B, heads, T, d)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, d)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, heads, T, d)
         y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return self.out_proj(y)
 
@@ -146,11 +151,11 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x)); causal unless told."""
 
-    def __init__(self, config: CLIPTextConfig) -> None:
+    def __init__(self, config: CLIPTextConfig, causal: bool = True) -> None:
         super().__init__()
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal=causal)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -163,9 +168,9 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
     """The stack of layers (holds ``layers`` only, to match the checkpoint keys)."""
 
-    def __init__(self, config: CLIPTextConfig) -> None:
+    def __init__(self, config: CLIPTextConfig, causal: bool = True) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config, causal=causal) for _ in range(config.num_hidden_layers))
 
 
 class CLIPTextEmbeddings(nn.Module):

@@ -1,0 +1,31 @@
+"""Evaluation: FID (Frechet distance of Inception features), CLIP score, PSNR and SSIM."""
+
+from .inception import FIDInceptionV3, inception_features, load_fid_inception
+from .metrics import (
+    RunningStatistics,
+    clip_score,
+    clip_scores,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_stats,
+    load_statistics,
+    psnr,
+    save_statistics,
+    ssim,
+)
+
+__all__ = [
+    "FIDInceptionV3",
+    "inception_features",
+    "load_fid_inception",
+    "RunningStatistics",
+    "clip_score",
+    "clip_scores",
+    "feature_statistics",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "load_statistics",
+    "psnr",
+    "save_statistics",
+    "ssim",
+]
