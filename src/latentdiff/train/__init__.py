@@ -1,0 +1,21 @@
+"""Training: autoencoder and UNet trainers on one shared loop, data sources, losses, EMA.
+
+    from latentdiff.train import VAETrainConfig, UNetTrainConfig, train_vae, train_unet
+    train_vae(VAETrainConfig.from_file("vae.toml"))
+    train_unet(UNetTrainConfig.from_file("unet.toml"), resume=True)
+"""
+
+from __future__ import annotations
+
+from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
+from .data import EpochOrder, ImageCaptionSource, ImageFolderSource, InMemorySource, TrainDataError, WorldSource
+from .ema import EMA
+from .loop import TrainResult, TrainTask, run_training
+from .unet import UNetTrainer, train_unet
+from .vae import VAETrainer, train_vae
+
+__all__ = [
+    "EMA", "EpochOrder", "ImageCaptionSource", "ImageFolderSource", "InMemorySource", "TrainConfig",
+    "TrainConfigError", "TrainDataError", "TrainResult", "TrainTask", "UNetTrainConfig", "UNetTrainer",
+    "VAETrainConfig", "VAETrainer", "WorldSource", "run_training", "train_unet", "train_vae",
+]

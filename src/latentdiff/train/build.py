@@ -1,0 +1,70 @@
+"""Building the networks a training run starts from: presets, config files, checkpoints.
+
+A fresh network is initialised inside ``torch.random.fork_rng`` seeded from the
+run's seed: the draw is reproducible, and the caller's global RNG is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.errors import CheckpointError
+from ..models.config import ModelConfig
+from ..models.unet import UNetConfig
+from ..models.vae import AutoencoderKL, VAEConfig
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's global CPU RNG seeded to ``seed``, restoring it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def model_config(spec: str, cls: type[ModelConfig]) -> ModelConfig:
+    """A preset name (a classmethod of ``cls``: "tiny", "sd15", ...) or a ``config.json`` path."""
+    preset = getattr(cls, spec, None) if spec.isidentifier() else None
+    if callable(preset) and not Path(spec).exists():
+        return preset()
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{spec!r} is neither a {cls.__name__} preset (e.g. 'tiny', 'sd15') nor a config.json")
+    return cls.load(path)
+
+
+def fresh_vae(spec: str, seed: int) -> AutoencoderKL:
+    """A randomly initialised VAE from a preset or config file."""
+    config = model_config(spec, VAEConfig)
+    with seeded(seed):
+        return AutoencoderKL(config)  # type: ignore[arg-type]
+
+
+def load_vae(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKL:
+    """A VAE from a component folder/file, or from a pipeline folder's ``vae/``."""
+    from ..loading import load_component
+
+    path = Path(path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        path = path / "vae"
+    vae = load_component(path, device=device, dtype=torch.float32)
+    if not isinstance(vae, AutoencoderKL):
+        raise CheckpointError(f"{path} is not a VAE")
+    return vae
+
+
+def unet_config(spec: str) -> UNetConfig:
+    return model_config(spec, UNetConfig)  # type: ignore[return-value]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto" -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

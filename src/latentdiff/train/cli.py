@@ -1,0 +1,92 @@
+"""``latentdiff train ...``: argument parsing only; the work is done by the library.
+
+    latentdiff train vae  --config vae.toml  [--resume] [--out DIR] [--steps N]
+    latentdiff train unet --config unet.toml [--resume] [--out DIR] [--steps N]
+
+The lead wires :func:`add_train_parser` into ``latentdiff.cli``. Subcommands still to
+come (``clip``: the CLIP text tower; ``builtin``: the whole built-in Shapes World
+model) register themselves in :data:`TRAINERS` / :func:`add_train_parser` the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..checkpoints.errors import CheckpointError
+from .checkpoint import TrainCheckpointError
+from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
+from .data import TrainDataError
+
+
+def _run_vae(config: TrainConfig, resume: bool) -> Any:
+    from .vae import train_vae
+
+    return train_vae(config, resume=resume)  # type: ignore[arg-type]
+
+
+def _run_unet(config: TrainConfig, resume: bool) -> Any:
+    from .unet import train_unet
+
+    return train_unet(config, resume=resume)  # type: ignore[arg-type]
+
+
+# subcommand -> (config class, runner, help). Add "clip" and "builtin" here.
+TRAINERS: dict[str, tuple[type[TrainConfig], Callable[[TrainConfig, bool], Any], str]] = {
+    "vae": (VAETrainConfig, _run_vae, "train or fine-tune the autoencoder (L1 + KL + PatchGAN [+ LPIPS])"),
+    "unet": (UNetTrainConfig, _run_unet, "train or fine-tune the UNet on VAE latents with a frozen text encoder"),
+}
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``train <what> --config FILE [--resume] [--out DIR] [--steps N]`` to a CLI."""
+    train = subparsers.add_parser(
+        "train", help="train a model component",
+        description="Train a model component from a config file (TOML or JSON). A run folder gets "
+        "log.csv, samples/, checkpoint.pt and the exported model; --resume continues a run exactly.",
+    )
+    which = train.add_subparsers(dest="train_what", metavar="{" + ",".join(TRAINERS) + "}", required=True)
+    for name, (config_cls, _, text) in TRAINERS.items():
+        p = which.add_parser(name, help=text, description=text)
+        p.add_argument("--config", required=True, help=f"TOML or JSON file of {config_cls.__name__} settings")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+        p.add_argument("--out", metavar="DIR", help="run folder (overrides out_dir)")
+        p.add_argument("--steps", type=int, metavar="N", help="total optimizer steps (overrides max_steps)")
+        p.set_defaults(func=run_train_command)
+    return train
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    """Run the subcommand parsed by :func:`add_train_parser`; returns an exit status."""
+    config_cls, runner, _ = TRAINERS[args.train_what]
+    try:
+        config = config_cls.from_file(args.config)
+        changes: dict[str, Any] = {}
+        if args.out:
+            changes["out_dir"] = args.out
+        if args.steps is not None:
+            changes["max_steps"] = args.steps
+        if changes:
+            config = config.replace(**changes)
+        result = runner(config, args.resume)
+    except (TrainConfigError, TrainDataError, TrainCheckpointError, CheckpointError, FileExistsError) as err:
+        print(f"latentdiff train {args.train_what}: {err}", file=sys.stderr)
+        return 2
+    print(f"trained {args.train_what} for {result.step} steps in {result.out_dir}")
+    if result.exported is not None:
+        print(f"model: {result.exported}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m latentdiff.train.cli train vae --config ...``)."""
+    parser = argparse.ArgumentParser(prog="latentdiff")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The training loop every trainer shares: steps, progress bar, CSV log, samples, checkpoints, export.
+
+A trainer (:mod:`latentdiff.train.vae`, :mod:`latentdiff.train.unet`) is a
+:class:`TrainTask`: it owns its networks, optimizers, EMAs, random generators
+and data order, and knows how to take one optimizer step, draw a sample grid
+and export its model. :func:`run_training` does the rest, identically for all:
+
+    out_dir/
+      config.json       the run's config
+      log.csv           step, <loss terms>, lr, seconds (cumulative training time)
+      samples/          step_000250.png ... (every ``sample_every`` steps and at the end)
+      checkpoint.pt     every ``checkpoint_every`` steps and at the end (see checkpoint.py)
+      <export>/         the finished model in the diffusers layout
+
+``resume=True`` loads ``checkpoint.pt`` (weights, optimizers, EMAs, data position,
+every RNG state, step counter), drops log rows written after it, and continues:
+N steps in one run and N/2 + resume + N/2 give bitwise-identical weights on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoints.io import atomic_path
+from .checkpoint import FORMAT, TrainCheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import TrainConfig
+from .data import EpochOrder
+from .ema import EMA
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.csv"
+# Config fields a resumed run may change without breaking exact continuation.
+_RESUMABLE_CHANGES = {
+    "max_steps", "out_dir", "log_every", "sample_every", "checkpoint_every", "export",
+    "sample_prompts", "num_sample_images", "sample_steps", "guidance_scale", "sample_seed",
+}
+
+
+class TrainTask:
+    """What a trainer hands to :func:`run_training` (subclasses fill every attribute)."""
+
+    kind: str = ""
+    config: TrainConfig
+    loss_names: tuple[str, ...] = ()  # the keys train_step returns, besides "lr"
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    emas: dict[str, EMA]
+    generators: dict[str, torch.Generator]
+    order: EpochOrder
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Take optimizer step number ``step`` (0-based); return loss terms and "lr"."""
+        raise NotImplementedError
+
+    def write_samples(self, step: int, path: Path) -> None:
+        """Write a preview grid PNG to ``path``; must not touch training state or generators."""
+        raise NotImplementedError
+
+    def export(self, folder: Path) -> Path:
+        """Write the finished model (EMA weights when there are) in the diffusers layout."""
+        raise NotImplementedError
+
+    @property
+    def export_name(self) -> str:
+        return "model"
+
+    def inference_model(self, name: str) -> nn.Module:
+        """Module ``name`` with its EMA weights (a separate copy) when it has an EMA, else itself."""
+        ema = self.emas.get(name)
+        if ema is None:
+            return self.modules[name]
+        copies = self.__dict__.setdefault("_ema_copies", {})
+        if name not in copies:
+            copies[name] = copy.deepcopy(self.modules[name]).requires_grad_(False)
+        ema.copy_to(copies[name])
+        return copies[name]
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left things."""
+
+    step: int
+    out_dir: Path
+    checkpoint: Path
+    log: Path
+    samples: list[Path] = field(default_factory=list)
+    exported: Path | None = None
+    last: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- state
+def task_state(task: TrainTask, step: int, seconds: float) -> dict[str, Any]:
+    """Everything :func:`restore_task` needs, as plain values and tensors."""
+    return {
+        "format": FORMAT,
+        "kind": task.kind,
+        "step": step,
+        "lr_step": step,
+        "seconds": seconds,
+        "config": task.config.to_dict(),
+        "modules": {name: m.state_dict() for name, m in task.modules.items()},
+        "optimizers": {name: o.state_dict() for name, o in task.optimizers.items()},
+        "emas": {name: e.state_dict() for name, e in task.emas.items()},
+        "data": task.order.state_dict(),
+        "rng": capture_rng(task.generators),
+    }
+
+
+def restore_task(task: TrainTask, state: dict[str, Any]) -> tuple[int, float]:
+    """Load a checkpoint into ``task``; returns (step, seconds)."""
+    if state["kind"] != task.kind:
+        raise TrainCheckpointError(f"the checkpoint is from a {state['kind']!r} run, not {task.kind!r}")
+    changed = sorted(
+        k for k, v in state["config"].items()
+        if k not in _RESUMABLE_CHANGES and task.config.to_dict().get(k, v) != v
+    )
+    if changed:
+        warnings.warn(
+            f"resuming with changed setting(s) {', '.join(changed)}: the run will not match an uninterrupted one",
+            stacklevel=3,
+        )
+    for name, module in task.modules.items():
+        module.load_state_dict(state["modules"][name], strict=True)
+    for name, opt in task.optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    for name, ema in task.emas.items():
+        ema.load_state_dict(state["emas"][name])
+    task.order.load_state_dict(state["data"])
+    restore_rng(state["rng"], task.generators)
+    return int(state["step"]), float(state["seconds"])
+
+
+# ---------------------------------------------------------------------------- log
+class CSVLog:
+    """``log.csv`` with a fixed header; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int | None) -> None:
+        self.path, self.columns = path, columns
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and path.is_file():
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with atomic_path(path) as tmp:
+            with tmp.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
+
+
+# ---------------------------------------------------------------------------- loop
+def run_training(task: TrainTask, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``task`` until ``config.max_steps`` optimizer steps, writing logs, samples and checkpoints.
+
+    Without ``resume``, an ``out_dir`` that already holds a checkpoint is refused (nothing
+    is overwritten by accident); with it and no checkpoint yet, the run starts from step 0.
+    """
+    cfg = task.config
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT_NAME
+    step, seconds = 0, 0.0
+    if resume and ckpt_path.is_file():
+        step, seconds = restore_task(task, load_checkpoint(ckpt_path))
+    elif resume:
+        warnings.warn(f"resume: no checkpoint in {out}, starting from step 0", stacklevel=2)
+    elif ckpt_path.is_file():
+        raise FileExistsError(f"{out} already holds a training checkpoint: pass resume=True (--resume) or another out_dir")
+    cfg.save(out / "config.json")
+
+    log = CSVLog(out / LOG_NAME, ["step", *task.loss_names, "lr", "seconds"], step if resume else None)
+    result = TrainResult(step=step, out_dir=out, checkpoint=ckpt_path, log=log.path)
+    samples = out / "samples"
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {task.kind}", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter() - seconds
+    last_saved = step if resume and ckpt_path.is_file() else -1
+    try:
+        while step < cfg.max_steps:
+            values = task.train_step(step)
+            step += 1
+            seconds = time.perf_counter() - started
+            result.last = values
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                log.write({"step": step, **values, "seconds": seconds})
+            bar.update(1)
+            bar.set_postfix({k: f"{values[k]:.4g}" for k in task.loss_names[:3]}, refresh=False)
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
+                result.samples.append(_sample(task, step, samples))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint(task_state(task, step, seconds), ckpt_path)
+                last_saved = step
+    finally:
+        bar.close()
+    if last_saved != step:
+        save_checkpoint(task_state(task, step, seconds), ckpt_path)
+    result.samples.append(_sample(task, step, samples))
+    if cfg.export:
+        result.exported = task.export(out / task.export_name)
+    result.step = step
+    return result
+
+
+def _sample(task: TrainTask, step: int, folder: Path) -> Path:
+    path = folder / f"step_{step:06d}.png"
+    task.write_samples(step, path)
+    return path

@@ -1,0 +1,107 @@
+"""Autoencoder losses: KL term, PatchGAN discriminator, hinge loss, adaptive GAN weight.
+
+These follow taming-transformers / LDM (``LPIPSWithDiscriminator``,
+``NLayerDiscriminator``) so that published VAE training recipes carry over:
+
+- ``kl_loss``: KL(q(z|x) || N(0, I)) summed over latent dimensions, averaged over the batch;
+- ``NLayerDiscriminator``: pix2pix's PatchGAN (4x4 convs, BatchNorm, LeakyReLU 0.2),
+  giving one real/fake logit per overlapping patch;
+- ``hinge_d_loss``: 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))]); the generator
+  gets ``-E[D(x_hat)]``;
+- ``adaptive_weight``: ||grad_L(rec)|| / (||grad_L(gan)|| + 1e-4) at the decoder's last
+  layer L, clamped to [0, 1e4], which balances the two terms without tuning;
+- ``disc_factor``: 0 before the delayed start step, 1 from it on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.vae import DiagonalGaussian
+
+
+def kl_loss(posterior: DiagonalGaussian) -> Tensor:
+    """Mean over the batch of KL(posterior || N(0, I)) summed over (c, h, w): a scalar."""
+    return posterior.kl().mean()
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Discriminator hinge loss: 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake)))."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def generator_adv_loss(logits_fake: Tensor) -> Tensor:
+    """The generator's side of the hinge GAN: -mean(D(x_hat))."""
+    return -logits_fake.mean()
+
+
+def disc_factor(step: int, start: int) -> float:
+    """1.0 once ``step`` (optimizer steps done) has reached ``start``, else 0.0."""
+    return 1.0 if step >= start else 0.0
+
+
+def adaptive_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
+    """||d rec / d W|| / (||d gan / d W|| + 1e-4), clamped to [0, max_weight], detached.
+
+    ``last_layer`` is the decoder's final conv weight; both losses must still hold their graph.
+    """
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.norm() / (gan_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN: image (B, 3, H, W) -> logits (B, 1, h, w), one per receptive-field patch.
+
+    ``n_layers`` stride-2 stages (channels ``ndf * min(2**i, 8)``), then a stride-1 stage and
+    the 1-channel output conv. The input side must be at least ``2 ** (n_layers + 2)`` pixels.
+    Weights are initialised as in taming (conv N(0, 0.02), BatchNorm scale N(1, 0.02)); pass
+    a generator for a reproducible draw.
+    """
+
+    def __init__(
+        self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        self.n_layers = n_layers
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        prev, mult = mult, min(2**n_layers, 8)
+        layers += [
+            nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1),
+        ]
+        self.main = nn.Sequential(*layers)
+        self._init_weights(generator)
+
+    @torch.no_grad()
+    def _init_weights(self, generator: torch.Generator | None) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * 0.02)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(1.0 + torch.randn(m.weight.shape, generator=generator) * 0.02)
+                m.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        side = min(x.shape[-2:])
+        if side < 2 ** (self.n_layers + 2):
+            raise ValueError(
+                f"images of side {side} are too small for a {self.n_layers}-layer PatchGAN "
+                f"(needs >= {2 ** (self.n_layers + 2)}); lower disc_layers"
+            )
+        return self.main(x)

@@ -1,0 +1,178 @@
+"""Autoencoder (AutoencoderKL) training: L1 + KL + PatchGAN hinge loss (+ LPIPS when weights are given).
+
+    from latentdiff.train import VAETrainConfig, train_vae
+    result = train_vae(VAETrainConfig(data="photos/", resolution=64, max_steps=2000))
+    # result.exported: a diffusers ``vae/`` folder (config.json + safetensors)
+
+Per optimizer step and micro-batch (LDM's ``LPIPSWithDiscriminator``, both
+optimizers on the same batch, as taming/LDM do):
+
+1. generator: ``x_hat = decode(z)``, z a posterior sample (``sample_posterior``) or its mean;
+   ``rec = sum|x - x_hat| (+ perceptual_weight * LPIPS * pixels)`` per image, batch mean;
+   ``loss = rec + kl_weight * KL + w * disc_factor * (-D(x_hat))`` with ``w`` the adaptive
+   weight times ``disc_weight``; the discriminator is frozen for this backward pass;
+2. discriminator: ``disc_factor * hinge(D(x), D(x_hat.detach()))``.
+
+``disc_factor`` is 0 until ``disc_start`` steps (the autoencoder first learns to
+reconstruct, then the GAN sharpens it). Not done here: LDM's learned output log-variance
+(fixed at 0, which leaves the loss above).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..checkpoints.diffusers_folder import save_component
+from ..models.vae import AutoencoderKL
+from .build import fresh_vae, load_vae, resolve_device
+from .config import VAETrainConfig
+from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
+from .ema import EMA
+from .grid import save_grid
+from .loop import TrainResult, TrainTask, run_training
+from .losses import NLayerDiscriminator, adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss, kl_loss
+from .lpips import LPIPS
+from .optim import autocast, clipped_step, make_adamw, set_lr, warmup_lr
+
+
+class VAETrainer(TrainTask):
+    """The autoencoder as a :class:`~latentdiff.train.loop.TrainTask`."""
+
+    kind = "vae"
+    loss_names = ("loss", "l1", "kl", "lpips", "g_loss", "d_loss", "d_weight", "grad_norm")
+
+    def __init__(
+        self,
+        config: VAETrainConfig,
+        source: ImageCaptionSource | None = None,
+        vae: AutoencoderKL | None = None,
+    ) -> None:
+        config.validate()
+        self.config = cfg = config
+        self.device = resolve_device(cfg.device)
+        self.source = source if source is not None else open_source(
+            cfg.data, cfg.resolution, cfg.world_seed, cfg.world_length
+        )
+        if vae is None:
+            vae = load_vae(cfg.pretrained) if cfg.pretrained else fresh_vae(cfg.model, cfg.seed)
+        self.vae = vae.to(self.device, torch.float32).train().requires_grad_(True)
+        self.vae.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        self.disc = NLayerDiscriminator(
+            vae.config.out_channels, cfg.disc_channels, cfg.disc_layers,
+            generator=torch.Generator().manual_seed(cfg.seed + 1),
+        ).to(self.device)
+        self.lpips = (
+            LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_lin).to(self.device)  # type: ignore[arg-type]
+            if cfg.perceptual_weight > 0 else None
+        )
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        self.modules = {"vae": self.vae, "discriminator": self.disc}
+        self.optimizers = {
+            "vae": make_adamw(self.vae.parameters(), cfg.lr, betas, cfg.weight_decay),
+            "discriminator": make_adamw(self.disc.parameters(), cfg.disc_lr or cfg.lr, betas, cfg.weight_decay),
+        }
+        self.emas = {"vae": EMA(self.vae, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power)} if cfg.ema_decay > 0 else {}
+        self.noise = torch.Generator().manual_seed(cfg.seed + 2)  # posterior samples
+        self.generators = {"noise": self.noise}
+        self.order = EpochOrder(len(self.source), cfg.seed)
+
+    @property
+    def export_name(self) -> str:
+        return "vae"
+
+    # ------------------------------------------------------------------ one step
+    def _micro_step(self, images: Tensor, factor: float, accum: int) -> dict[str, float]:
+        cfg, vae, disc = self.config, self.vae, self.disc
+        batch = images.shape[0]
+        disc.requires_grad_(False)  # the generator loss must not train the discriminator
+        with autocast(self.device, cfg.bf16):
+            out = vae(images, generator=self.noise if cfg.sample_posterior else None,
+                      sample_posterior=cfg.sample_posterior)
+        recon = out.sample.float()  # (B, 3, H, W)
+        abs_err = (images - recon).abs()
+        rec = abs_err
+        p_loss = torch.zeros((), device=self.device)
+        if self.lpips is not None:
+            p = self.lpips(images, recon)  # (B, 1, 1, 1)
+            p_loss = p.mean()
+            rec = rec + cfg.perceptual_weight * p
+        nll = rec.sum() / batch
+        kl = kl_loss(out.posterior).float()
+        if factor > 0:
+            with autocast(self.device, cfg.bf16):
+                logits_fake = disc(recon)
+            g_loss = generator_adv_loss(logits_fake.float())
+            d_weight = adaptive_weight(nll, g_loss, vae.decoder.conv_out.weight) * cfg.disc_weight
+        else:
+            g_loss = d_weight = torch.zeros((), device=self.device)
+        loss = nll + cfg.kl_weight * kl + d_weight * factor * g_loss
+        (loss / accum).backward()
+        disc.requires_grad_(True)
+
+        d_loss = torch.zeros((), device=self.device)
+        if factor > 0:
+            with autocast(self.device, cfg.bf16):
+                logits_real = disc(images)
+                logits_fake = disc(recon.detach())
+            d_loss = factor * hinge_d_loss(logits_real.float(), logits_fake.float())
+            (d_loss / accum).backward()
+        return {
+            "loss": loss.item(), "l1": abs_err.mean().item(), "kl": kl.item(), "lpips": p_loss.item(),
+            "g_loss": g_loss.item(), "d_loss": d_loss.item(), "d_weight": float(d_weight),
+        }
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
+        set_lr(self.optimizers["vae"], lr)
+        set_lr(self.optimizers["discriminator"], warmup_lr(step, cfg.disc_lr or cfg.lr, cfg.warmup_steps))
+        factor = disc_factor(step, cfg.disc_start)
+        totals: dict[str, float] = defaultdict(float)
+        for _ in range(cfg.grad_accum):
+            images, _ = load_batch(self.source, self.order.next(cfg.batch_size))
+            for key, value in self._micro_step(images.to(self.device), factor, cfg.grad_accum).items():
+                totals[key] += value / cfg.grad_accum
+        totals["grad_norm"] = float(clipped_step(self.optimizers["vae"], cfg.grad_clip))
+        clipped_step(self.optimizers["discriminator"], cfg.grad_clip)
+        for ema in self.emas.values():
+            ema.update(self.vae)
+        return {**totals, "lr": lr}
+
+    # ------------------------------------------------------------------ previews and export
+    @torch.no_grad()
+    def write_samples(self, step: int, path: Path) -> None:
+        """Originals (top row) | reconstructions from the posterior mean (bottom row)."""
+        n = min(self.config.num_sample_images, len(self.source))
+        images, _ = load_batch(self.source, range(n))
+        model = self.inference_model("vae")
+        was_training = model.training
+        model.eval()
+        try:
+            recon = model(images.to(self.device)).sample.float().cpu()
+        finally:
+            model.train(was_training)
+        save_grid(torch.cat([images, recon]), path, nrow=n, text={"step": str(step), "rows": "originals | reconstructions"})
+
+    def export(self, folder: Path) -> Path:
+        """``folder`` = a diffusers ``vae/`` component (EMA weights when EMA is on)."""
+        save_component(self.inference_model("vae"), folder, "vae")
+        return folder
+
+
+def train_vae(
+    config: VAETrainConfig,
+    *,
+    source: ImageCaptionSource | None = None,
+    vae: AutoencoderKL | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or fine-tune) an autoencoder; see :class:`VAETrainConfig` for every setting.
+
+    ``source`` overrides ``config.data``; ``vae`` overrides ``config.model``/``pretrained``.
+    """
+    return run_training(VAETrainer(config, source=source, vae=vae), resume=resume, progress=progress)
