@@ -22,7 +22,7 @@ import torch
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     import torch
     lib, folder, steps, size, dtype_name = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     dtype = getattr(torch, dtype_name)
@@ -42,7 +42,9 @@ CHILD = textwrap.dedent(
     t0 = time.perf_counter()
     run()
     seconds = time.perf_counter() - t0
-    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork + exec)
+    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    rss_gib = hwm_kib / 2**20
     print(json.dumps({"s_per_image": seconds, "peak_rss_gib": rss_gib}))
     """
 )

@@ -25,7 +25,7 @@ import torch
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     t0 = time.perf_counter()
     lib, folder, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if lib == "latentdiff":
@@ -52,7 +52,9 @@ CHILD = textwrap.dedent(
     for _ in range(steps):
         step()
     per_step = (time.perf_counter() - t2) / steps
-    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork + exec)
+    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    rss_gib = hwm_kib / 2**20
     print(json.dumps({"import_s": t_import, "load_s": t_load, "step_s": per_step, "peak_rss_gib": rss_gib}))
     """
 )

@@ -2,10 +2,7 @@
 
     latentdiff train vae  --config vae.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train unet --config unet.toml [--resume] [--out DIR] [--steps N]
-
-The lead wires :func:`add_train_parser` into ``latentdiff.cli``. Subcommands still to
-come (``clip``: the CLIP text tower; ``builtin``: the whole built-in Shapes World
-model) register themselves in :data:`TRAINERS` / :func:`add_train_parser` the same way.
+    latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|assemble] [--target DIR]
 """
 
 from __future__ import annotations
@@ -55,7 +52,21 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         p.add_argument("--out", metavar="DIR", help="run folder (overrides out_dir)")
         p.add_argument("--steps", type=int, metavar="N", help="total optimizer steps (overrides max_steps)")
         p.set_defaults(func=run_train_command)
+    builtin = which.add_parser("builtin", help="reproduce the built-in Shapes World model from nothing, stage by stage")
+    builtin.add_argument("--out", default="runs/builtin", help="run folder of all stages (default runs/builtin)")
+    builtin.add_argument("--stage", action="append", help="run only this stage (repeatable): clip, vae, unet, assemble")
+    builtin.add_argument("--target", help="where the assembled model goes (default OUT/model)")
+    builtin.set_defaults(func=run_builtin_command)
     return train
+
+
+def run_builtin_command(args: argparse.Namespace) -> int:
+    """``train builtin``: every stage in order, each resuming its own checkpoint."""
+    from .builtin import STAGES, train_builtin
+
+    stages = tuple(args.stage) if args.stage else STAGES
+    print(f"built-in model: {train_builtin(args.out, stages, args.target)}")
+    return 0
 
 
 def run_train_command(args: argparse.Namespace) -> int:
