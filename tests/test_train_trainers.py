@@ -266,3 +266,17 @@ def test_cli_train_vae_from_folder_and_config(tmp_path) -> None:
     # Without --resume an existing run is refused, with a message instead of a traceback.
     args = parser.parse_args(["train", "vae", "--config", str(config), "--out", str(out)])
     assert args.func(args) == 2
+
+
+def test_fresh_vae_posterior_starts_narrow() -> None:
+    from latentdiff.train.vae import start_with_small_variance
+
+    with seeded(0):
+        vae = AutoencoderKL(VAEConfig.tiny())
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert vae.encode(images).logvar.mean() > -2  # random init: std around 1
+        start_with_small_variance(vae, -7.0)
+        posterior = vae.encode(images)
+    assert torch.allclose(posterior.logvar, torch.full_like(posterior.logvar, -7.0))
+    assert posterior.mean.abs().mean() > 5 * posterior.std.mean()

@@ -226,6 +226,15 @@ def guided_model(pipe: Pipeline, conditioning: Conditioning, guidance_scale: flo
     return model
 
 
+@dataclass
+class KnownRegion:
+    """What blended inpainting keeps: the original's latents, the keep-mask (1 = keep) and the start noise."""
+
+    latents: Tensor  # (B, 4, h, w) scaled latents of the original image
+    keep: Tensor  # (B, 1, h, w) 0/1
+    noise: Tensor  # (B, 4, h, w) the noise the run started from
+
+
 def denoise(
     pipe: Pipeline,
     settings: Settings,
@@ -263,15 +272,6 @@ def denoise(
         denoiser, x, plan.sigmas, generator=list(generators), callback=callback, post_step=post_step, **options
     )
     return plan.to_vp(x)
-
-
-@dataclass
-class KnownRegion:
-    """What blended inpainting keeps: the original's latents, the keep-mask (1 = keep) and the start noise."""
-
-    latents: Tensor  # (B, 4, h, w) scaled latents of the original image
-    keep: Tensor  # (B, 1, h, w) 0/1
-    noise: Tensor  # (B, 4, h, w) the noise the run started from
 
 
 # ----------------------------------------------------------------------------- step 5
