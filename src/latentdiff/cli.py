@@ -5,6 +5,10 @@
     latentdiff img2img  PROMPT --image IMG [--strength 0.75] ...
     latentdiff inpaint  PROMPT --image IMG --mask MASK [--strength 1.0] [--no-paste-back] ...
     latentdiff samplers
+    latentdiff vae      IMAGE [--model M] [--size 256] [--out FILE]
+    latentdiff eval     --prompts FILE|builtin --guidance 1,3,7.5 [--samplers ddim:20,euler_a:20]
+                        [--images-per-prompt N] [--n-prompts K] [--model M] [--reference DIR|STATS.npz]
+                        [--features clip|inception:PATH] [--clip DIR] --out DIR
     latentdiff train    vae|unet ...
 
 Bad arguments (size not a multiple of the VAE factor, strength outside [0, 1], a mask
@@ -67,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     inp.set_defaults(func=run_generate)
     samplers = commands.add_parser("samplers", help="list the samplers")
     samplers.set_defaults(func=run_samplers)
+    _add_vae_parser(commands)
+    _add_eval_parser(commands)
     try:
         from .train.cli import add_train_parser
     except ImportError:  # training extras missing: the rest of the CLI still works
@@ -74,6 +80,42 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_train_parser(commands)
     return parser
+
+
+def _add_vae_parser(commands) -> None:
+    p = commands.add_parser("vae", help="encode and decode an image: original | reconstruction | |difference| x4")
+    p.add_argument("image", help="the image (resized and centre-cropped to --size)")
+    p.add_argument("--model", help="pipeline folder, VAE folder or file, or single-file checkpoint (default: built-in)")
+    p.add_argument("--size", type=int, default=256, help="square side in pixels, a multiple of the VAE factor (default 256)")
+    p.add_argument("--out", help="output PNG (default: IMAGE-vae.png beside the image)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=run_vae)
+
+
+def _add_eval_parser(commands) -> None:
+    p = commands.add_parser("eval", help="FD / CLIP score (/ world judge) over guidance scales and samplers")
+    p.add_argument("--prompts", default="builtin", help="'builtin' (Shapes World held-out prompts) or a text file, one prompt a line")
+    p.add_argument("--guidance", default="1,3,7.5", help="comma-separated guidance scales (default 1,3,7.5)")
+    p.add_argument("--samplers", default="ddim:20", help="comma-separated SAMPLER:STEPS (default ddim:20)")
+    p.add_argument("--images-per-prompt", type=int, default=1, metavar="N", help="images per prompt (default 1)")
+    p.add_argument("--n-prompts", type=int, metavar="K", help="use only the first K prompts")
+    p.add_argument("--model", help="diffusers folder (default: the built-in model)")
+    p.add_argument("--reference", help="real images for FD: a folder of images or a statistics .npz")
+    p.add_argument("--reference-per-prompt", type=int, metavar="M",
+                   help="built-in prompts: rendered reference scenes per prompt (default: images per prompt)")
+    p.add_argument("--features", default="clip", help="FD features: clip (default) or inception:PATH (FID weights)")
+    p.add_argument("--clip", help="CLIP model folder (transformers layout; default: the model's clip/)")
+    p.add_argument("--seed", type=int, default=0, help="image g of every setting uses seed + g (default 0)")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    p.add_argument("--height", type=int, help="image height (default: the model's native size)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default 8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; 'cuda' means cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--cache-dir", help="where reference statistics are cached (default ~/.cache/latentdiff/reference)")
+    p.add_argument("--grid-prompts", type=int, default=8, help="prompts (rows) in each grid (default 8)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run_eval)
 
 
 def _open_image(path: str, what: str):
@@ -158,6 +200,37 @@ def run_samplers(args: argparse.Namespace) -> int:
     width = max(len(s.id) for s in SAMPLERS.values())
     for spec in SAMPLERS.values():
         print(f"{spec.id:<{width}}  {spec.name:<16} (diffusers: {spec.diffusers_class})")
+    return 0
+
+
+def run_vae(args: argparse.Namespace) -> int:
+    from latentdiff.eval.vae_demo import run_vae_demo
+
+    demo, path = run_vae_demo(args.image, model=args.model, size=args.size, out=args.out, device=args.device)
+    print(demo.summary())
+    print(path)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from latentdiff.eval.run import EvalConfig, parse_guidance, parse_samplers
+    from latentdiff.eval.run import run_eval as evaluate
+
+    config = EvalConfig(
+        out=args.out, prompts=args.prompts, guidance=parse_guidance(args.guidance), samplers=parse_samplers(args.samplers),
+        images_per_prompt=args.images_per_prompt, n_prompts=args.n_prompts, model=args.model, reference=args.reference,
+        reference_per_prompt=args.reference_per_prompt, features=args.features, clip=args.clip, seed=args.seed,
+        negative=args.negative, width=args.width, height=args.height, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, cache_dir=args.cache_dir, grid_prompts=args.grid_prompts,
+    )
+    metrics = evaluate(config)
+    if metrics is not None:  # rank 0 (or a single process)
+        name = metrics["fd_name"]
+        for r in metrics["results"]:
+            world = r.get("world")
+            acc = f"  caption accuracy {100 * world['caption']:.1f}%" if world and world.get("caption") is not None else ""
+            print(f"{r['setting']:<16} {name} {r['fd']:.3f}  CLIP score {r['clip_score']:.2f}{acc}")
+        print(Path(args.out) / "report.md")
     return 0
 
 

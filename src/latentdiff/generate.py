@@ -66,10 +66,15 @@ class Settings:
     eta: float = 0.0
     clip_skip: int = 1
     strength: float | None = None
+    seeds: tuple[int, ...] | None = None  # explicit per-image seeds (e.g. a shard of a larger run)
 
     @property
     def batch(self) -> int:
         return len(self.prompts) * self.images_per_prompt
+
+    def seed_of(self, index: int) -> int:
+        """The seed of image ``index``: ``seed + index``, or ``seeds[index]`` when given."""
+        return self.seeds[index] if self.seeds is not None else self.seed + index
 
     def infotext(self, index: int, model: str) -> str:
         """AUTOMATIC1111's ``parameters`` text for image ``index`` of this call."""
@@ -79,7 +84,7 @@ class Settings:
             f"Steps: {self.steps}",
             f"Sampler: {self.sampler.name}",
             f"CFG scale: {self.guidance_scale:g}",
-            f"Seed: {self.seed + index}",
+            f"Seed: {self.seed_of(index)}",
             f"Size: {self.width}x{self.height}",
         ]
         if model:
@@ -140,8 +145,10 @@ def make_settings(
 
 
 def generators_for(settings: Settings) -> list[torch.Generator]:
-    """One CPU generator per image: image i is seeded with seed + i."""
-    return [torch.Generator("cpu").manual_seed(settings.seed + i) for i in range(settings.batch)]
+    """One CPU generator per image: image i is seeded with seed + i (or its explicit seed)."""
+    if settings.seeds is not None and len(settings.seeds) != settings.batch:
+        raise ValueError(f"got {len(settings.seeds)} seeds for {settings.batch} images")
+    return [torch.Generator("cpu").manual_seed(settings.seed_of(i)) for i in range(settings.batch)]
 
 
 # ----------------------------------------------------------------------------- step 2
