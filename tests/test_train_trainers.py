@@ -280,3 +280,18 @@ def test_fresh_vae_posterior_starts_narrow() -> None:
         posterior = vae.encode(images)
     assert torch.allclose(posterior.logvar, torch.full_like(posterior.logvar, -7.0))
     assert posterior.mean.abs().mean() > 5 * posterior.std.mean()
+
+
+def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path) -> None:
+    with seeded(0):
+        vae = AutoencoderKL(VAEConfig.tiny())
+    save_component(vae, tmp_path / "vae0", "vae")
+    source = InMemorySource(torch.rand(8, 3, 16, 16) * 2 - 1, ["x"] * 8)
+    config = VAETrainConfig(out_dir=str(tmp_path / "ft"), pretrained=str(tmp_path / "vae0"), train_decoder_only=True,
+                            max_steps=3, batch_size=4, sample_every=0, checkpoint_every=10, disc_start=1,
+                            disc_layers=1)
+    result = train_vae(config, source=source, progress=False)
+    tuned = latentdiff.load_component(result.exported)
+    before, after = vae.state_dict(), tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))

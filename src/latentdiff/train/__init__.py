@@ -1,4 +1,4 @@
-"""Training: autoencoder and UNet trainers on one shared loop, data sources, losses, EMA.
+"""Training: autoencoder, CLIP and UNet trainers on one shared loop, data sources, losses, EMA.
 
     from latentdiff.train import VAETrainConfig, UNetTrainConfig, train_vae, train_unet
     train_vae(VAETrainConfig.from_file("vae.toml"))
@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from .clip import CLIPTrainConfig, CLIPTrainer, train_clip
 from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
 from .data import EpochOrder, ImageCaptionSource, ImageFolderSource, InMemorySource, TrainDataError, WorldSource
 from .ema import EMA
@@ -15,7 +16,7 @@ from .unet import UNetTrainer, train_unet
 from .vae import VAETrainer, train_vae
 
 __all__ = [
-    "EMA", "EpochOrder", "ImageCaptionSource", "ImageFolderSource", "InMemorySource", "TrainConfig",
+    "CLIPTrainConfig", "CLIPTrainer", "EMA", "EpochOrder", "ImageCaptionSource", "ImageFolderSource", "InMemorySource", "TrainConfig",
     "TrainConfigError", "TrainDataError", "TrainResult", "TrainTask", "UNetTrainConfig", "UNetTrainer",
-    "VAETrainConfig", "VAETrainer", "WorldSource", "run_training", "train_unet", "train_vae",
+    "VAETrainConfig", "VAETrainer", "WorldSource", "run_training", "train_clip", "train_unet", "train_vae",
 ]

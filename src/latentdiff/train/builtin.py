@@ -4,6 +4,8 @@
       clip/    contrastive CLIP (text + image towers) and the world's BPE tokenizer
       vae/     the KL autoencoder (64x64x3 <-> 16x16x4, factor 4)
       unet/    the cross-attention UNet on cached latents, conditioned on the frozen CLIP text tower
+      decoder/ the VAE decoder fine-tuned further with the encoder frozen (SD's ft-MSE move: the
+               latent space, and so the UNet, is untouched; it can train beside the UNet stage)
       model/   the assembled diffusers-layout pipeline (what ships in latentdiff/weights/)
 
 Each stage is an ordinary run of its trainer (``train clip|vae|unet``) with the config
@@ -32,9 +34,10 @@ from typing import Any
 import torch
 
 from ..checkpoints.errors import CheckpointError
+from .clip import CLIPTrainConfig
 from .config import UNetTrainConfig, VAETrainConfig
 
-STAGES = ("clip", "vae", "unet", "assemble")
+STAGES = ("clip", "vae", "unet", "decoder", "assemble")
 
 VAE_MODEL: dict[str, Any] = {
     "_class_name": "AutoencoderKL",
@@ -65,11 +68,26 @@ UNET_MODEL: dict[str, Any] = {
 }
 
 
+def clip_config(out: Path) -> CLIPTrainConfig:
+    return CLIPTrainConfig(
+        out_dir=str(out / "clip"), max_steps=800, warmup_steps=25, decay_steps=800, zero_shot_n=200,
+        sample_every=100, checkpoint_every=50,
+    )
+
+
 def vae_config(out: Path) -> VAETrainConfig:
     return VAETrainConfig(
         out_dir=str(out / "vae"), model=str(out / "vae_model.json"), world_seed=1, world_length=20000,
-        batch_size=16, max_steps=2500, lr=4e-4, kl_weight=1e-6, disc_start=2000, disc_weight=0.1,
+        batch_size=16, max_steps=3500, lr=4e-4, kl_weight=1e-6, disc_start=2800, disc_weight=0.1,
         sample_every=500, checkpoint_every=250, log_every=10,
+    )
+
+
+def decoder_config(out: Path) -> VAETrainConfig:
+    return VAETrainConfig(
+        out_dir=str(out / "decoder"), pretrained=str(out / "vae" / "vae"), train_decoder_only=True,
+        world_seed=3, world_length=20000, batch_size=16, max_steps=4000, lr=2e-4, kl_weight=1e-6,
+        disc_start=0, disc_weight=0.1, sample_every=500, checkpoint_every=250, log_every=10,
     )
 
 
@@ -112,22 +130,32 @@ def _set_scaling_factor(vae_folder: Path) -> float:
 
 
 def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Gather the stages' exports into one diffusers folder with half-precision weights."""
+    """Gather the stages' exports into one diffusers folder with half-precision weights.
+
+    Besides the pipeline, ``clip/`` holds the whole CLIP (both towers, transformers layout)
+    for zero-shot checks, CLIP score and FD with the model's own image tower.
+    """
     import latentdiff
+    from ..models.clip_model import load_clip_model
+    from ..models.tokenizer import CLIPTokenizer
 
     unet_model = out / "unet" / "model"
     if not (unet_model / "model_index.json").is_file():
         raise CheckpointError(f"the UNet stage has not exported {unet_model} yet")
-    pipe = latentdiff.load(unet_model)
+    decoder = out / "decoder" / "vae"
+    pipe = latentdiff.load(unet_model, vae=decoder if (decoder / "config.json").is_file() else None)
     pipe.name = "shapes-v1"
     pipe.save(target, dtype=dtype)
+    clip_folder = out / "clip" / "clip"
+    load_clip_model(clip_folder).save(target / "clip", dtype=dtype)
+    CLIPTokenizer.from_folder(clip_folder).save(target / "clip")
     return target
 
 
 def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] = STAGES,
                   target: str | Path | None = None) -> Path:
     """Run the stages in order (each resumes its own checkpoint, finished ones are skipped)."""
-    from .clip import CLIPTrainConfig, train_clip
+    from .clip import train_clip
     from .unet import train_unet
     from .vae import train_vae
 
@@ -141,15 +169,16 @@ def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] 
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
 
     if "clip" in stages and not (out / "clip" / "text_encoder" / "config.json").is_file():
-        config = CLIPTrainConfig(out_dir=str(out / "clip"))
-        train_clip(config, resume=(out / "clip" / "checkpoint.pt").is_file())
+        train_clip(clip_config(out), resume=(out / "clip" / "checkpoint.pt").is_file())
     if "vae" in stages and not (out / "vae" / "vae" / "config.json").is_file():
         train_vae(vae_config(out), resume=(out / "vae" / "checkpoint.pt").is_file())
+    vae_folder = out / "vae" / "vae"
+    if (vae_folder / "config.json").is_file() and json.loads((vae_folder / "config.json").read_text())["scaling_factor"] == 1.0:
+        print(f"latent scaling factor: {_set_scaling_factor(vae_folder)}")  # before any stage reads the VAE
     if "unet" in stages and not (out / "unet" / "model" / "model_index.json").is_file():
-        vae_folder = out / "vae" / "vae"
-        if json.loads((vae_folder / "config.json").read_text())["scaling_factor"] == 1.0:
-            print(f"latent scaling factor: {_set_scaling_factor(vae_folder)}")
         train_unet(unet_config(out), resume=(out / "unet" / "checkpoint.pt").is_file())
+    if "decoder" in stages and not (out / "decoder" / "vae" / "config.json").is_file():
+        train_vae(decoder_config(out), resume=(out / "decoder" / "checkpoint.pt").is_file())
     final = Path(target) if target else out / "model"
     if "assemble" in stages:
         assemble(out, final)
@@ -159,6 +188,6 @@ def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] 
 def describe() -> str:
     """The stage configs as JSON (for the README and for reproducing by hand)."""
     out = Path("runs/builtin")
-    return json.dumps({"vae_model": VAE_MODEL, "unet_model": UNET_MODEL,
+    return json.dumps({"vae_model": VAE_MODEL, "unet_model": UNET_MODEL, "clip": dataclasses.asdict(clip_config(out)),
                        "vae": dataclasses.asdict(vae_config(out)), "unet": dataclasses.asdict(unet_config(out))},
                       indent=2)

@@ -2,6 +2,7 @@
 
     latentdiff train vae  --config vae.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train unet --config unet.toml [--resume] [--out DIR] [--steps N]
+    latentdiff train clip --config clip.toml [--resume] [--out DIR] [--steps N]
     latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|assemble] [--target DIR]
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from ..checkpoints.errors import CheckpointError
 from .checkpoint import TrainCheckpointError
+from .clip import CLIPTrainConfig
 from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
 from .data import TrainDataError
 
@@ -22,6 +24,12 @@ def _run_vae(config: TrainConfig, resume: bool) -> Any:
     from .vae import train_vae
 
     return train_vae(config, resume=resume)  # type: ignore[arg-type]
+
+
+def _run_clip(config: TrainConfig, resume: bool) -> Any:
+    from .clip import train_clip
+
+    return train_clip(config, resume=resume)  # type: ignore[arg-type]
 
 
 def _run_unet(config: TrainConfig, resume: bool) -> Any:
@@ -33,6 +41,7 @@ def _run_unet(config: TrainConfig, resume: bool) -> Any:
 # subcommand -> (config class, runner, help). Add "clip" and "builtin" here.
 TRAINERS: dict[str, tuple[type[TrainConfig], Callable[[TrainConfig, bool], Any], str]] = {
     "vae": (VAETrainConfig, _run_vae, "train or fine-tune the autoencoder (L1 + KL + PatchGAN [+ LPIPS])"),
+    "clip": (CLIPTrainConfig, _run_clip, "train a small CLIP (text + image towers) contrastively on the built-in world"),
     "unet": (UNetTrainConfig, _run_unet, "train or fine-tune the UNet on VAE latents with a frozen text encoder"),
 }
 

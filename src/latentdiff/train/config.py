@@ -187,6 +187,7 @@ class VAETrainConfig(TrainConfig):
     kl_weight: float = 1e-6
     sample_posterior: bool = True  # decode a posterior sample (LDM) rather than its mean
     init_logvar: float | None = -7.0  # a fresh encoder starts with posterior log-variance this (None: random)
+    train_decoder_only: bool = False  # fine-tune the decoder of `pretrained` only, as SD's ft-MSE VAE did
     disc_start: int = 500  # optimizer steps before the discriminator loss switches on
     disc_weight: float = 0.5
     disc_layers: int = 3  # PatchGAN depth; input side must be >= 2 ** (disc_layers + 2)

@@ -65,6 +65,10 @@ class VAETrainer(TrainTask):
                 if cfg.init_logvar is not None:
                     start_with_small_variance(vae, cfg.init_logvar)
         self.vae = vae.to(self.device, torch.float32).train().requires_grad_(True)
+        if cfg.train_decoder_only:  # keep the latent space (and every UNet trained on it) unchanged
+            for frozen in (self.vae.encoder, self.vae.quant_conv):
+                if frozen is not None:
+                    frozen.requires_grad_(False)
         self.vae.set_gradient_checkpointing(cfg.gradient_checkpointing)
         self.disc = NLayerDiscriminator(
             vae.config.out_channels, cfg.disc_channels, cfg.disc_layers,
@@ -77,7 +81,7 @@ class VAETrainer(TrainTask):
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.modules = {"vae": self.vae, "discriminator": self.disc}
         self.optimizers = {
-            "vae": make_adamw(self.vae.parameters(), cfg.lr, betas, cfg.weight_decay),
+            "vae": make_adamw([p for p in self.vae.parameters() if p.requires_grad], cfg.lr, betas, cfg.weight_decay),
             "discriminator": make_adamw(self.disc.parameters(), cfg.disc_lr or cfg.lr, betas, cfg.weight_decay),
         }
         self.emas = {"vae": EMA(self.vae, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power)} if cfg.ema_decay > 0 else {}

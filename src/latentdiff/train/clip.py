@@ -1,0 +1,651 @@
+"""Contrastive training of a small CLIP on Shapes World, whose frozen text tower conditions the UNet.
+
+    from latentdiff.train.clip import CLIPTrainConfig, train_clip
+    result = train_clip(CLIPTrainConfig(out_dir="runs/clip", max_steps=3000))
+    # runs/clip/text_encoder/ + runs/clip/tokenizer/  -> UNetTrainConfig(text_encoder=..., tokenizer=...)
+    # runs/clip/clip/                                 -> the whole CLIP (transformers CLIPModel layout)
+
+As SD uses OpenAI's CLIP text tower, the built-in model uses the text tower of this CLIP.
+
+**Data.** A stream of world scenes: optimizer step ``s`` (micro-batch ``m``) takes stream
+positions ``p = (s * grad_accum + m) * batch_size + j``; position ``p`` is item
+``p % world_length`` of ``WorldDataset(world_seed, world_length)`` (a training scene, never a
+held-out one, with its full caption half the time and a partial one otherwise, as the UNet
+sees them) plus ``hard_negatives`` captions drawn from ``numpy.random.default_rng([world_seed,
+p, _NEGATIVE_TAG])``. Everything is a pure function of the stream position, so the data state
+is one integer and a resumed run continues exactly. The default ``world_length`` is
+effectively endless (every step sees fresh scenes).
+
+**Hard negatives.** For each image, captions that differ from its caption in exactly one
+*named* attribute: one object's colour, shape, size or position, the background, or a swap of
+one attribute (colour, shape, size, position) between the two objects (attribute binding).
+Kinds are visited in a random order, one random variant per kind, round-robin until there are
+``hard_negatives`` of them; a variant that still describes the image (e.g. swapping the colours
+of a red and a blue circle) is never used. Every caption has at least 7 variants (``a red
+circle``: 5 colours + 2 shapes), hence ``hard_negatives <= 7``.
+
+**Loss.** Symmetric InfoNCE (CLIP) with a learnable temperature, plus the hard negatives:
+
+    logits[i, j] = exp(logit_scale) * cos(image_i, text_j)          (B, B)
+    image -> text, row i: [logits[i, :], exp(logit_scale) * cos(image_i, hard_ik) for k < K]
+                          softmax over B + K candidates, target column i
+    text -> image, column j: logits[:, j], softmax over the B images, target row i = j
+    loss = (CE_image->text + CE_text->image) / 2
+
+Choice: hard negatives are extra candidates **only in their own image's row** (each is built to
+be wrong for that image; for the other images of the batch it would be one more easy negative).
+They take no part in the text -> image direction (they have no matching image).
+With ``mask_false_negatives`` an in-batch caption that also describes another image of the batch
+(common with partial captions: ``a red circle`` fits every image with only a red circle) is
+removed from that image's row and from its column, instead of being pushed away as a negative.
+``logit_scale`` starts at log(1 / 0.07) and is clamped to [0, log 100] after every step, as in
+CLIP. Weight decay skips gains, biases, the class token and ``logit_scale`` (tensors of < 2 dims).
+
+**Texts.** The text tower is causal and pools at the first end token, so tokens after it cannot
+change the loss (nor get a gradient, as in CLIP's own 77-token training): texts are sorted by
+length and encoded in chunks of 128, each cut after its longest text's end token (captions are
+5 to 23 tokens), which gives the same embeddings (up to rounding) at about a fifth of the cost
+of 77 positions. Images go through
+:func:`~latentdiff.models.clip_model.image_preprocess` (CLIP's mean/std), as
+:func:`~latentdiff.eval.metrics.clip_scores` feeds them, so the exported CLIP scores images too.
+
+**Tokenizer.** Trained at the start of a run with :func:`train_clip_bpe` on the full captions of
+``tokenizer_captions`` scenes (full captions use every word of the world), saved in
+``out_dir/tokenizer/``; every world word must come out as one token. Its start/end/pad ids go into
+the text config. A run folder already holding a different tokenizer is refused.
+
+**Metric.** :func:`zero_shot_accuracy`: for held-out full captions, an image is rendered from the
+caption and the caption is ranked among itself and 8 one-attribute variants
+(:func:`~latentdiff.world.dataset.zero_shot_candidates`) by cosine similarity. It replaces the
+sample grid: every ``sample_every`` steps ``samples/step_N.png`` (a bar chart) and ``.json`` are
+written and a row is added to ``out_dir/zero_shot.csv``.
+
+Run folder::
+
+    out_dir/
+      config.json  log.csv  checkpoint.pt  zero_shot.csv  samples/step_N.{png,json}
+      tokenizer/      the BPE tokenizer (SD's tokenizer/ folder)
+      text_encoder/   the text tower as an SD CLIPTextModel (config.json + model.safetensors)
+      clip/           the whole CLIP: transformers CLIPModel layout + tokenizer files
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..checkpoints.diffusers_folder import save_component
+from ..checkpoints.io import atomic_path
+from ..models.clip import CLIPTextConfig
+from ..models.clip_model import CLIPConfig, CLIPModel, CLIPVisionConfig, image_preprocess
+from ..models.tokenizer import CLIPTokenizer, train_clip_bpe
+from ..world.captions import CaptionSpec, ObjectSpec, caption, parse_caption, sample_scene, scene_from_caption
+from ..world.dataset import WorldDataset, held_out_prompts, zero_shot_candidates
+from ..world.render import render
+from ..world.spec import BACKGROUND_COLOURS, CELL_PHRASES, CELLS, OBJECT_COLOURS, SHAPES, SIZES, Scene
+from .build import resolve_device, seeded
+from .config import TrainConfig, TrainConfigError
+from .ema import EMA
+from .loop import TrainResult, TrainTask, run_training
+from .optim import autocast, clipped_step, set_lr, warmup_lr
+
+ATTRIBUTE_KINDS: tuple[str, ...] = ("colour", "shape", "size", "position", "background", "swap")
+"""Kinds of hard negatives: one object's attribute, the background, or a swap between the objects."""
+MIN_VARIANTS = 7  # the fewest one-attribute variants a caption has ("a red circle": 5 colours + 2 shapes)
+MAX_LOGIT_SCALE = math.log(100.0)
+LONGEST_CAPTION_TOKENS = 23  # 21 words ("a large purple triangle in the bottom right and ... background") + 2
+_NEGATIVE_TAG = 0x4E4547  # "NEG": separates the hard-negative stream from the world's own draws
+_TOKENIZER_TAG = 0x544F4B  # "TOK"
+_FIELDS = {"colour": "colour", "shape": "shape", "size": "size", "cell": "position"}
+
+
+# ============================================================================= config
+@dataclasses.dataclass
+class CLIPTrainConfig(TrainConfig):
+    """Contrastive CLIP training on the Shapes World (see the module docstring for the recipe)."""
+
+    out_dir: str = "runs/clip"
+    world_length: int = 2**40  # stream of fresh scenes; a smaller value repeats them (epochs)
+    # ---- text tower (SD's CLIPTextModel) ----
+    text_hidden_size: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_intermediate_size: int = 512
+    text_max_positions: int = 77  # the UNet reads (77, text_hidden_size) embeddings, as SD
+    # ---- image tower (ViT) ----
+    vision_image_size: int = 64
+    vision_patch_size: int = 8
+    vision_hidden_size: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_intermediate_size: int = 512
+    projection_dim: int = 128
+    hidden_act: str = "quick_gelu"
+    # ---- tokenizer ----
+    tokenizer_vocab_size: int = 1024  # upper bound: merges stop once every world word is one token (597 ids)
+    tokenizer_captions: int = 20000  # full captions the BPE is trained on
+    # ---- data and loss ----
+    partial_captions: bool = True  # half full, half partial captions (as the UNet sees them)
+    hard_negatives: int = 4  # one-attribute caption variants per image, 0..7
+    mask_false_negatives: bool = True
+    logit_scale_init: float = 2.6592  # log(1 / 0.07)
+    # ---- optimisation (CLIP's AdamW settings) ----
+    max_steps: int = 3000
+    batch_size: int = 128
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    # > 0: cosine decay from lr (after warm-up) to min_lr_ratio * lr at this step, constant after; 0: constant lr.
+    # Keep it at max_steps: annealing is what lifts shape and position (a 600-step probe: 48% -> 67% zero-shot
+    # in 200 steps of decay, where the constant lr had plateaued).
+    decay_steps: int = 3000
+    min_lr_ratio: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    weight_decay: float = 0.1
+    # ---- evaluation (replaces the sample grids) ----
+    zero_shot_n: int = 400  # held-out captions (first n: balanced one/two objects), 1..400
+    zero_shot_seed: int = 0
+    sample_every: int = 250
+    checkpoint_every: int = 250
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data != "world":
+            raise TrainConfigError(f"CLIP training needs the built-in world (data='world'), got {self.data!r}")
+        for name in ("text_hidden_size", "text_layers", "text_heads", "text_intermediate_size", "text_max_positions",
+                     "vision_image_size", "vision_patch_size", "vision_hidden_size", "vision_layers",
+                     "vision_heads", "vision_intermediate_size", "projection_dim", "tokenizer_captions"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_max_positions < LONGEST_CAPTION_TOKENS:
+            raise TrainConfigError(
+                f"text_max_positions must be >= {LONGEST_CAPTION_TOKENS} (the longest caption: 21 words, start and "
+                f"end tokens), got {self.text_max_positions}"
+            )
+        if not 0 <= self.hard_negatives <= MIN_VARIANTS:
+            raise TrainConfigError(
+                f"hard_negatives must be in 0..{MIN_VARIANTS} (the fewest variants a caption has), "
+                f"got {self.hard_negatives}"
+            )
+        if self.batch_size < 2:
+            raise TrainConfigError(f"contrastive training needs batch_size >= 2, got {self.batch_size}")
+        if not 1 <= self.zero_shot_n <= 400:
+            raise TrainConfigError(f"zero_shot_n must be in 1..400 (held-out prompts), got {self.zero_shot_n}")
+        if self.decay_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise TrainConfigError("decay_steps must be >= 0 and min_lr_ratio in [0, 1]")
+        if not 0.0 <= self.logit_scale_init <= MAX_LOGIT_SCALE:
+            raise TrainConfigError(f"logit_scale_init must be in [0, log 100], got {self.logit_scale_init}")
+        try:
+            self.clip_config(vocab_size=600, bos=598, eos=599, pad=599).validate()
+        except ValueError as err:
+            raise TrainConfigError(str(err)) from None
+
+    def clip_config(self, vocab_size: int, bos: int, eos: int, pad: int) -> CLIPConfig:
+        """The :class:`CLIPConfig` of these sizes for a tokenizer with these ids."""
+        text = CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=self.text_hidden_size, intermediate_size=self.text_intermediate_size,
+            num_hidden_layers=self.text_layers, num_attention_heads=self.text_heads,
+            max_position_embeddings=self.text_max_positions, hidden_act=self.hidden_act,
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, projection_dim=self.projection_dim,
+        )
+        vision = CLIPVisionConfig(
+            hidden_size=self.vision_hidden_size, intermediate_size=self.vision_intermediate_size,
+            num_hidden_layers=self.vision_layers, num_attention_heads=self.vision_heads,
+            image_size=self.vision_image_size, patch_size=self.vision_patch_size, hidden_act=self.hidden_act,
+            projection_dim=self.projection_dim,
+        )
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.projection_dim,
+                          logit_scale_init_value=self.logit_scale_init)
+
+
+def lr_at(step: int, config: CLIPTrainConfig) -> float:
+    """Linear warm-up, then constant, or cosine down to ``min_lr_ratio * lr`` at ``decay_steps``."""
+    lr = warmup_lr(step, config.lr, config.warmup_steps)
+    if config.decay_steps <= 0 or step < config.warmup_steps:
+        return lr
+    span = max(1, config.decay_steps - config.warmup_steps)
+    t = min(1.0, (step - config.warmup_steps) / span)
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ============================================================================= captions
+def world_words() -> list[str]:
+    """Every word the caption grammar can write."""
+    words = {"a", "and", "on", "background", *SIZES, *OBJECT_COLOURS, *SHAPES, *BACKGROUND_COLOURS}
+    for phrase in CELL_PHRASES.values():
+        words.update(phrase.split(" "))
+    return sorted(words)
+
+
+def train_world_tokenizer(config: CLIPTrainConfig) -> CLIPTokenizer:
+    """The run's BPE: trained on ``tokenizer_captions`` full captions; every world word is one token."""
+    rng = np.random.default_rng([config.world_seed, _TOKENIZER_TAG])
+    texts = [caption(sample_scene(rng)) for _ in range(config.tokenizer_captions)]
+    bpe = train_clip_bpe(texts, config.tokenizer_vocab_size)
+    tokenizer = CLIPTokenizer(bpe.vocab, bpe.merges, model_max_length=config.text_max_positions)
+    split = [w for w in world_words() if len(tokenizer.encode(w)) != 1]
+    if split:
+        raise TrainConfigError(
+            f"tokenizer_vocab_size={config.tokenizer_vocab_size} (or tokenizer_captions={config.tokenizer_captions}) "
+            f"leaves world word(s) {', '.join(split)} in several tokens; raise it (about 600 suffices)"
+        )
+    return tokenizer
+
+
+def describes(spec: CaptionSpec, scene: Scene) -> bool:
+    """True when the caption is true of the scene, objects matched in any order (as the judge matches them)."""
+    if len(spec.objects) != len(scene.objects) or spec.background not in (None, scene.background):
+        return False
+    return any(
+        all(s.describes(o) for s, o in zip(spec.objects, objects))
+        for objects in itertools.permutations(scene.objects)
+    )
+
+
+def _valid(objects: Sequence[ObjectSpec], background: str | None) -> CaptionSpec | None:
+    try:
+        return CaptionSpec(tuple(objects), background)
+    except ValueError:  # two objects with one (colour, shape) pair or one named cell
+        return None
+
+
+def one_attribute_variants(spec: CaptionSpec) -> dict[str, list[CaptionSpec]]:
+    """Valid captions that differ from ``spec`` in one named attribute, by kind (:data:`ATTRIBUTE_KINDS`).
+
+    colour/shape/size/position: one object's attribute changed (only attributes the caption
+    names); background: changed when named; swap: one attribute (colour, shape, or size /
+    position when both objects name it) exchanged between two objects that differ in it.
+    A variant may still describe some scene of the original (filter with :func:`describes`).
+    """
+    objects = spec.objects
+    out: dict[str, list[CaptionSpec]] = {kind: [] for kind in ATTRIBUTE_KINDS}
+    choices = {"colour": list(OBJECT_COLOURS), "shape": list(SHAPES), "size": list(SIZES), "cell": list(CELLS)}
+    for i, o in enumerate(objects):
+        for field, values in choices.items():
+            current = getattr(o, field)
+            if current is None:
+                continue
+            for value in values:
+                if value != current:
+                    new = list(objects)
+                    new[i] = dataclasses.replace(o, **{field: value})
+                    variant = _valid(new, spec.background)
+                    if variant is not None:
+                        out[_FIELDS[field]].append(variant)
+    if spec.background is not None:
+        out["background"] = [CaptionSpec(objects, b) for b in BACKGROUND_COLOURS if b != spec.background]
+    if len(objects) == 2:
+        a, b = objects
+        for field in choices:
+            va, vb = getattr(a, field), getattr(b, field)
+            if va is None or vb is None or va == vb:
+                continue
+            variant = _valid([dataclasses.replace(a, **{field: vb}), dataclasses.replace(b, **{field: va})],
+                             spec.background)
+            if variant is not None:
+                out["swap"].append(variant)
+    return out
+
+
+def attribute_difference(a: CaptionSpec, b: CaptionSpec) -> str | None:
+    """The one attribute kind in which ``b`` differs from ``a``, or None (none, several, or counts differ)."""
+    if len(a.objects) != len(b.objects):
+        return None
+    diffs: list[tuple[str, int]] = []
+    if a.background != b.background:
+        diffs.append(("background", -1))
+    for i, (x, y) in enumerate(zip(a.objects, b.objects)):
+        diffs += [(f, i) for f in _FIELDS if getattr(x, f) != getattr(y, f)]
+    if len(diffs) == 1:
+        field = diffs[0][0]
+        return "background" if field == "background" else _FIELDS[field]
+    if len(diffs) == 2 and diffs[0][0] == diffs[1][0] != "background":
+        f = diffs[0][0]
+        (x0, x1), (y0, y1) = a.objects, b.objects
+        if getattr(x0, f) == getattr(y1, f) and getattr(x1, f) == getattr(y0, f) and None not in (
+            getattr(x0, f), getattr(x1, f)
+        ):
+            return "swap"
+    return None
+
+
+def hard_negatives(spec: CaptionSpec, scene: Scene, k: int, rng: np.random.Generator) -> list[str]:
+    """``k`` distinct captions differing from ``spec`` in one named attribute, none true of ``scene``.
+
+    Kinds are shuffled, then one random variant is taken per kind in turn (round-robin), so
+    the ``k`` negatives spread over the kinds.
+    """
+    pools = {kind: [v.text for v in variants if not describes(v, scene)]
+             for kind, variants in one_attribute_variants(spec).items()}
+    kinds = [ATTRIBUTE_KINDS[i] for i in rng.permutation(len(ATTRIBUTE_KINDS))]
+    chosen: list[str] = []
+    while len(chosen) < k:
+        progress = False
+        for kind in kinds:
+            pool = [t for t in pools[kind] if t not in chosen]
+            if pool and len(chosen) < k:
+                chosen.append(pool[int(rng.integers(len(pool)))])
+                progress = True
+        if not progress:
+            raise ValueError(f"caption {spec.text!r} has only {len(chosen)} hard negatives, {k} asked")
+    return chosen
+
+
+# ============================================================================= loss
+def clip_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor,
+    hard_emb: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Symmetric InfoNCE with per-image hard-negative texts.
+
+    image_emb (B, P), text_emb (B, P): pair i matches; embeddings need not be normalised.
+    logit_scale: () log of the inverse temperature. hard_emb (B, K, P): image i's hard
+    negatives, extra candidates in row i only (image -> text). mask (B, B) bool: True where
+    text j must not count as a negative of image i (it also describes image i); the diagonal
+    is ignored. Returns (loss, parts) with parts ``i2t``, ``t2i`` (the two cross-entropies),
+    ``acc`` (images whose caption wins its row, hard negatives included) and ``hard_acc``
+    (images whose caption beats all its hard negatives).
+    """
+    b = image_emb.shape[0]
+    image = F.normalize(image_emb.float(), dim=-1)
+    text = F.normalize(text_emb.float(), dim=-1)
+    scale = logit_scale.float().exp()
+    logits = scale * image @ text.t()  # (B, B)
+    targets = torch.arange(b, device=logits.device)
+    if mask is not None:
+        off_diagonal = mask.to(torch.bool) & ~torch.eye(b, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(off_diagonal, float("-inf"))
+    rows = logits
+    hard_acc = torch.ones((), device=logits.device)
+    if hard_emb is not None and hard_emb.shape[1] > 0:
+        hard = F.normalize(hard_emb.float(), dim=-1)
+        hard_logits = scale * torch.einsum("bp,bkp->bk", image, hard)  # (B, K)
+        rows = torch.cat([logits, hard_logits], dim=1)  # (B, B + K)
+        hard_acc = (logits.diagonal()[:, None] > hard_logits).all(dim=1).float().mean()
+    i2t = F.cross_entropy(rows, targets)
+    t2i = F.cross_entropy(logits.t(), targets)
+    acc = (rows.argmax(dim=1) == targets).float().mean()
+    return (i2t + t2i) / 2, {"i2t": i2t, "t2i": t2i, "acc": acc, "hard_acc": hard_acc}
+
+
+# ============================================================================= helpers
+def world_pixels(images: np.ndarray | Tensor | Sequence[np.ndarray], size: int) -> Tensor:
+    """uint8 world images -> CLIP's normalised pixels (B, 3, size, size), as ``clip_scores`` prepares them."""
+    return image_preprocess(images, size=size)
+
+
+def tokenize_batch(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> Tensor:
+    """Ids (N, L) cut after the longest text's end token (the causal text tower ignores what follows)."""
+    ids = tokenizer(list(texts))  # (N, model_max_length)
+    ends = (ids == tokenizer.eos_token_id).int().argmax(dim=1)
+    return ids[:, : int(ends.max()) + 1]
+
+
+def encode_text_by_length(model: CLIPModel, ids: Tensor, chunk: int = 128) -> Tensor:
+    """``model.encode_text(ids)`` (N, P), run on chunks of texts of similar length, each cut after its
+    longest text's end token: the same values (up to rounding) with about a quarter less work than
+    padding every text to the longest of the batch (world captions are 5 to 23 tokens)."""
+    eos = model.config.text_config.eos_token_id
+    lengths = (ids == eos).int().argmax(dim=1) + 1  # (N,)
+    order = torch.argsort(lengths, stable=True)
+    parts = []
+    for i in range(0, len(order), chunk):
+        rows = order[i : i + chunk]
+        parts.append(model.encode_text(ids[rows, : int(lengths[rows].max())]))
+    return torch.cat(parts)[torch.argsort(order)]
+
+
+@torch.no_grad()
+def encode_texts(model: CLIPModel, tokenizer: CLIPTokenizer, texts: Sequence[str], batch_size: int = 512) -> Tensor:
+    """Normalised text embeddings (N, P), float32 on the model's device."""
+    device = model.logit_scale.device
+    out = [encode_text_by_length(model, tokenizer(list(texts[i : i + batch_size])).to(device)).float()
+           for i in range(0, len(texts), batch_size)]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+@torch.no_grad()
+def encode_images(model: CLIPModel, images: Sequence[np.ndarray], batch_size: int = 256) -> Tensor:
+    """Normalised image embeddings (N, P) of uint8 (H, W, 3) world images."""
+    device = model.logit_scale.device
+    size = model.config.vision_config.image_size
+    out = [model.encode_image(world_pixels(np.stack(images[i : i + batch_size]), size).to(device)).float()
+           for i in range(0, len(images), batch_size)]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, n: int = 400, seed: int = 0) -> dict[str, Any]:
+    """Top-1 accuracy of the true caption among itself and 8 one-attribute variants.
+
+    The first ``n`` held-out prompts (alternately one and two objects); prompt ``i``'s image is
+    ``render(scene_from_caption(prompt, default_rng([seed, i])))``. Returns ``accuracy``,
+    ``accuracy_1obj``, ``accuracy_2obj``, ``n``, and ``pairwise``: per variant kind, the fraction
+    of (image, variant) pairs where the true caption scores higher (what the model confuses).
+    """
+    prompts = held_out_prompts(n)
+    images = [render(scene_from_caption(p, np.random.default_rng([seed, i]))) for i, p in enumerate(prompts)]
+    candidates = [zero_shot_candidates(p) for p in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        image_emb = encode_images(model, images)  # (n, P)
+        text_emb = encode_texts(model, tokenizer, [t for c in candidates for t in c])  # (9n, P)
+    finally:
+        model.train(was_training)
+    sims = torch.einsum("np,ncp->nc", image_emb, text_emb.view(len(prompts), -1, text_emb.shape[-1])).cpu()
+    correct = (sims.argmax(dim=1) == 0).numpy()
+    counts = np.array([len(parse_caption(p).objects) for p in prompts])
+    wins: dict[str, list[bool]] = {}
+    for row, cands in enumerate(candidates):
+        spec = parse_caption(cands[0])
+        for col, text in enumerate(cands[1:], start=1):
+            kind = attribute_difference(spec, parse_caption(text)) or "other"
+            wins.setdefault(kind, []).append(bool(sims[row, 0] > sims[row, col]))
+
+    def mean(values: np.ndarray) -> float:
+        return float(values.mean()) if values.size else float("nan")
+
+    return {
+        "accuracy": mean(correct),
+        "accuracy_1obj": mean(correct[counts == 1]),
+        "accuracy_2obj": mean(correct[counts == 2]),
+        "n": int(n),
+        "pairwise": {kind: float(np.mean(v)) for kind, v in sorted(wins.items())},
+    }
+
+
+def _bar_chart(values: dict[str, float], title: str, path: Path) -> None:
+    """A small PNG bar chart (values in [0, 1])."""
+    from PIL import Image, ImageDraw
+
+    width, row, left = 360, 18, 120
+    image = Image.new("RGB", (width, 24 + row * len(values) + 6), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((6, 4), title, fill="black")
+    for i, (name, value) in enumerate(values.items()):
+        top = 24 + i * row
+        v = 0.0 if not math.isfinite(value) else min(max(value, 0.0), 1.0)
+        draw.text((6, top + 2), name, fill="black")
+        draw.rectangle([left, top + 2, left + int(v * (width - left - 50)), top + row - 4], fill=(60, 110, 200))
+        draw.text((width - 44, top + 2), f"{value:.3f}", fill="black")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+# ============================================================================= data order
+class StreamOrder:
+    """Positions in the endless stream of training examples; the state is one integer."""
+
+    def __init__(self, length: int) -> None:
+        self.length = int(length)
+        self.position = 0
+
+    def next(self, count: int) -> list[int]:
+        out = list(range(self.position, self.position + count))
+        self.position += count
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "length": self.length}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["length"]) != self.length:
+            raise TrainConfigError(
+                f"the checkpoint streamed a world of {state['length']} items, this run {self.length}"
+            )
+        self.position = int(state["position"])
+
+
+# ============================================================================= trainer
+class CLIPTrainer(TrainTask):
+    """Contrastive CLIP training as a :class:`~latentdiff.train.loop.TrainTask`."""
+
+    kind = "clip"
+    loss_names = ("loss", "i2t", "t2i", "acc", "hard_acc", "logit_scale", "grad_norm")
+
+    def __init__(self, config: CLIPTrainConfig) -> None:
+        config.validate()
+        self.config = cfg = config
+        self.device = resolve_device(cfg.device)
+        self.tokenizer = train_world_tokenizer(cfg)
+        self._store_tokenizer(Path(cfg.out_dir) / "tokenizer")
+        tok = self.tokenizer
+        clip_config = cfg.clip_config(tok.vocab_size, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        with seeded(cfg.seed):
+            model = CLIPModel(clip_config)
+        self.model = model.to(self.device, torch.float32).train().requires_grad_(True)
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=False,
+        )
+        self.modules = {"clip": self.model}
+        self.optimizers = {"clip": self.optimizer}
+        self.emas = {"clip": EMA(self.model, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power)} if cfg.ema_decay > 0 else {}
+        self.generators: dict[str, torch.Generator] = {}  # every draw is a pure function of the stream position
+        self.world = WorldDataset(cfg.world_seed, cfg.world_length, partial_captions=cfg.partial_captions)
+        self.order = StreamOrder(cfg.world_length)  # type: ignore[assignment]
+
+    def _store_tokenizer(self, folder: Path) -> None:
+        if (folder / "vocab.json").is_file():
+            stored = CLIPTokenizer.from_folder(folder)
+            if stored.vocab != self.tokenizer.vocab or stored.merges != self.tokenizer.merges:
+                raise TrainConfigError(
+                    f"{folder} holds a tokenizer other than this config trains: use another out_dir"
+                )
+            return
+        self.tokenizer.save(folder)
+
+    @property
+    def export_name(self) -> str:
+        return "clip"
+
+    # ------------------------------------------------------------------ data
+    def batch(self, positions: Sequence[int]) -> tuple[Tensor, list[str], list[list[str]], Tensor]:
+        """Pixels (B, 3, S, S), captions, hard negatives (B lists of K) and the false-negative mask (B, B)."""
+        cfg = self.config
+        images, texts, negatives, specs, scenes = [], [], [], [], []
+        for p in positions:
+            scene, text = self.world.scene_and_caption(p % cfg.world_length)
+            spec = parse_caption(text)
+            rng = np.random.default_rng([cfg.world_seed, p, _NEGATIVE_TAG])
+            images.append(render(scene))
+            texts.append(text)
+            negatives.append(hard_negatives(spec, scene, cfg.hard_negatives, rng))
+            specs.append(spec)
+            scenes.append(scene)
+        b = len(positions)
+        mask = torch.zeros(b, b, dtype=torch.bool)
+        if cfg.mask_false_negatives:
+            for i, j in itertools.product(range(b), range(b)):
+                if i != j and describes(specs[j], scenes[i]):
+                    mask[i, j] = True
+        return world_pixels(np.stack(images), cfg.vision_image_size), texts, negatives, mask
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, model = self.config, self.model
+        lr = lr_at(step, cfg)
+        set_lr(self.optimizer, lr)
+        totals = dict.fromkeys(("loss", "i2t", "t2i", "acc", "hard_acc"), 0.0)
+        for _ in range(cfg.grad_accum):
+            pixels, texts, negatives, mask = self.batch(self.order.next(cfg.batch_size))
+            ids = tokenize_batch(self.tokenizer, texts + [t for row in negatives for t in row]).to(self.device)
+            b, k = len(texts), cfg.hard_negatives
+            with autocast(self.device, cfg.bf16):
+                image_emb = model.encode_image(pixels.to(self.device))
+                text_emb = encode_text_by_length(model, ids)
+            hard = text_emb[b:].reshape(b, k, -1) if k else None
+            loss, parts = clip_loss(image_emb, text_emb[:b], model.logit_scale, hard, mask.to(self.device))
+            (loss / cfg.grad_accum).backward()
+            totals["loss"] += loss.item() / cfg.grad_accum
+            for key, value in parts.items():
+                totals[key] += value.item() / cfg.grad_accum
+        grad_norm = float(clipped_step(self.optimizer, cfg.grad_clip))
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        for ema in self.emas.values():
+            ema.update(model)
+        return {**totals, "logit_scale": float(model.logit_scale.detach().exp()), "grad_norm": grad_norm, "lr": lr}
+
+    # ------------------------------------------------------------------ evaluation and export
+    def write_samples(self, step: int, path: Path) -> None:
+        """Zero-shot accuracy instead of a grid: ``path`` (bar chart PNG), ``path.json``, ``zero_shot.csv``."""
+        cfg = self.config
+        result = zero_shot_accuracy(self.inference_model("clip"), self.tokenizer, cfg.zero_shot_n, cfg.zero_shot_seed)
+        result = {"step": step, **result}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        bars = {"top-1 (all)": result["accuracy"], "top-1 1 object": result["accuracy_1obj"],
+                "top-1 2 objects": result["accuracy_2obj"],
+                **{f"vs {kind}": v for kind, v in result["pairwise"].items()}}
+        _bar_chart(bars, f"zero-shot, 1 of 9, n={result['n']}, step {step}", path)
+        self._append_zero_shot(step, result)
+
+    def _append_zero_shot(self, step: int, result: dict[str, Any]) -> None:
+        """One row per evaluation; rows at or after ``step`` (from before a resume) are replaced."""
+        file = Path(self.config.out_dir) / "zero_shot.csv"
+        columns = ["step", "accuracy", "accuracy_1obj", "accuracy_2obj", *(f"vs_{k}" for k in ATTRIBUTE_KINDS[:5])]
+        rows: list[dict[str, str]] = []
+        if file.is_file():
+            with file.open(newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < step]
+        row = {"step": step, **{k: f"{result[k]:.4f}" for k in ("accuracy", "accuracy_1obj", "accuracy_2obj")},
+               **{f"vs_{k}": f"{v:.4f}" for k, v in result["pairwise"].items()}}
+        with atomic_path(file) as tmp:
+            with tmp.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows([*rows, row])
+
+    def export(self, folder: Path) -> Path:
+        """``folder``: the whole CLIP (transformers layout) + tokenizer files; beside it, SD's
+        ``text_encoder/`` and ``tokenizer/`` (EMA weights when EMA is on)."""
+        model = self.inference_model("clip")
+        model.save(folder)
+        self.tokenizer.save(folder)
+        save_component(model.text_encoder(), folder.parent / "text_encoder", "text_encoder")
+        self.tokenizer.save(folder.parent / "tokenizer")
+        return folder
+
+
+def train_clip(config: CLIPTrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train the Shapes World CLIP; ``result.exported`` is the ``clip/`` folder (see the module docstring)."""
+    return run_training(CLIPTrainer(config), resume=resume, progress=progress)
