@@ -78,7 +78,7 @@ def clip_config(out: Path) -> CLIPTrainConfig:
 def vae_config(out: Path) -> VAETrainConfig:
     return VAETrainConfig(
         out_dir=str(out / "vae"), model=str(out / "vae_model.json"), world_seed=1, world_length=20000,
-        batch_size=16, max_steps=3500, lr=4e-4, kl_weight=1e-6, disc_start=2800, disc_weight=0.1,
+        batch_size=16, max_steps=3000, lr=4e-4, kl_weight=1e-6, disc_start=2800, disc_weight=0.1,
         sample_every=500, checkpoint_every=250, log_every=10,
     )
 
