@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoints import single_file
-from .checkpoints.diffusers_folder import KINDS, build_model, load_component_folder, read_json
+from .checkpoints.diffusers_folder import KINDS, build_model, kind_of_config, load_component_folder, read_json
 from .checkpoints.errors import CheckpointError
 from .checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, read_state_dict
 from .models.clip import CLIPTextConfig
@@ -137,8 +137,6 @@ def load_component(
         raise CheckpointError(f"{path.name}: not a weight file ({', '.join(WEIGHT_SUFFIXES)})")
     if (path.parent / "config.json").is_file():  # a weight file inside a component folder
         raw = read_json(path.parent / "config.json")
-        from .checkpoints.diffusers_folder import kind_of_config
-
         kind = kind_of_config(raw, path.parent / "config.json")
         sd = read_state_dict(path)
         return build_model(kind, kind.config_cls.from_dict(raw), sd, device, dtype, f"{kind.name} ({path})")

@@ -280,17 +280,8 @@ class CrossAttnDownBlock2D(nn.Module):
     ) -> None:
         super().__init__()
         # Registered attentions-first, as diffusers does, so state_dict order matches too.
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(
-                heads,
-                out_channels // heads,
-                out_channels,
-                cross_attention_dim,
-                num_layers=transformer_layers,
-                norm_num_groups=groups,
-                use_linear_projection=use_linear_projection,
-            )
-            for _ in range(num_layers)
+        self.attentions = _transformers(
+            out_channels, num_layers, heads, cross_attention_dim, transformer_layers, groups, use_linear_projection
         )
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps)
@@ -361,17 +352,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         num_layers: int = 1,
     ) -> None:
         super().__init__()
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(
-                heads,
-                channels // heads,
-                channels,
-                cross_attention_dim,
-                num_layers=transformer_layers,
-                norm_num_groups=groups,
-                use_linear_projection=use_linear_projection,
-            )
-            for _ in range(num_layers)
+        self.attentions = _transformers(
+            channels, num_layers, heads, cross_attention_dim, transformer_layers, groups, use_linear_projection
         )
         self.resnets = nn.ModuleList(
             ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(num_layers + 1)
@@ -382,6 +364,30 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
             x = resnet(attn(x, context), temb)
         return x
+
+
+def _transformers(
+    channels: int,
+    count: int,
+    heads: int,
+    cross_attention_dim: int,
+    transformer_layers: int,
+    groups: int,
+    use_linear_projection: bool,
+) -> nn.ModuleList:
+    """``count`` spatial transformers of ``heads`` heads over ``channels`` channels (one per ResNet)."""
+    return nn.ModuleList(
+        Transformer2DModel(
+            heads,
+            channels // heads,
+            channels,
+            cross_attention_dim,
+            num_layers=transformer_layers,
+            norm_num_groups=groups,
+            use_linear_projection=use_linear_projection,
+        )
+        for _ in range(count)
+    )
 
 
 def _up_resnets(
@@ -467,17 +473,8 @@ class CrossAttnUpBlock2D(nn.Module):
         use_linear_projection: bool,
     ) -> None:
         super().__init__()
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(
-                heads,
-                out_channels // heads,
-                out_channels,
-                cross_attention_dim,
-                num_layers=transformer_layers,
-                norm_num_groups=groups,
-                use_linear_projection=use_linear_projection,
-            )
-            for _ in range(num_layers)
+        self.attentions = _transformers(
+            out_channels, num_layers, heads, cross_attention_dim, transformer_layers, groups, use_linear_projection
         )
         self.resnets = _up_resnets(
             in_channels, prev_output_channels, out_channels, temb_channels, num_layers, groups, eps
