@@ -57,7 +57,7 @@ def autoencoder(pipe: latentdiff.Pipeline, n: int, seed: int = 12345) -> dict:
             for i, r, o in zip(idx, recon, x):
                 img = ((r.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
                 correct.append(judge(img, data[i][1]).correct)
-                scores.append(psnr(((o + 1) / 2).numpy(), ((r + 1) / 2).numpy(), data_range=1.0))
+                scores.append(psnr((o + 1) / 2, (r + 1) / 2, data_range=1.0))  # (3, H, W) tensors in [0, 1]
     return {"judged_correct": float(np.mean(correct)), "psnr_db": float(np.mean(scores)), "n": n}
 
 
