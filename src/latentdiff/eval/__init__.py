@@ -1,5 +1,6 @@
-"""Evaluation: FID (Frechet distance of Inception features), CLIP score, PSNR and SSIM."""
+"""Evaluation: FID (Frechet distance of Inception features), CLIP score, PSNR and SSIM, autoencoder metrics."""
 
+from .autoencoder import autoencoder_metrics, reconstruct
 from .inception import FIDInceptionV3, inception_features, load_fid_inception
 from .metrics import (
     RunningStatistics,
@@ -15,6 +16,8 @@ from .metrics import (
 )
 
 __all__ = [
+    "autoencoder_metrics",
+    "reconstruct",
     "FIDInceptionV3",
     "inception_features",
     "load_fid_inception",
