@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import latentdiff
-from latentdiff.eval import psnr
+from latentdiff.eval import psnr, reconstruct
 from latentdiff.world import WorldDataset, accuracy_report, held_out_prompts, judge, parse_caption
 
 
@@ -52,8 +52,7 @@ def autoencoder(pipe: latentdiff.Pipeline, n: int, seed: int = 12345) -> dict:
         for start in range(0, n, 64):
             idx = range(start, min(n, start + 64))
             x = torch.stack([data[i][0] for i in idx])  # (B, 3, 64, 64) in [-1, 1]
-            dtype = next(pipe.vae.parameters()).dtype
-            recon = pipe.vae.decode(pipe.vae.encode(x.to(dtype)).mode()).float().clamp(-1, 1)
+            recon = reconstruct(pipe.vae, x)
             for i, r, o in zip(idx, recon, x):
                 img = ((r.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
                 correct.append(judge(img, data[i][1]).correct)
