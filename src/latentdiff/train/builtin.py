@@ -95,7 +95,7 @@ def unet_config(out: Path) -> UNetTrainConfig:
     return UNetTrainConfig(
         out_dir=str(out / "unet"), unet=str(out / "unet_model.json"), vae=str(out / "vae" / "vae"),
         text_encoder=str(out / "clip" / "text_encoder"), tokenizer=str(out / "clip" / "tokenizer"),
-        world_seed=2, world_length=40000, batch_size=32, max_steps=5000, lr=4e-4, warmup_steps=200,
+        world_seed=2, world_length=40000, batch_size=32, max_steps=7000, lr=4e-4, warmup_steps=200,
         ema_decay=0.999, caption_dropout=0.1, sample_every=500, checkpoint_every=250, log_every=10,
         guidance_scale=7.5, sample_steps=20,
         sample_prompts=[
