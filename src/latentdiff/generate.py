@@ -167,10 +167,11 @@ def encode_prompts(pipe: Pipeline, settings: Settings) -> Conditioning:
     cond = pipe.encode_prompt(settings.prompts, clip_skip=settings.clip_skip)
     uncond = None
     if settings.guidance_scale > 1.0:
-        chunks = cond.shape[1] // pipe.tokenizer.model_max_length
+        length = pipe.tokenizer.model_max_length
+        chunks = cond.shape[1] // length
         uncond = pipe.encode_prompt(settings.negative_prompts, clip_skip=settings.clip_skip, min_chunks=chunks)
         if uncond.shape[1] > cond.shape[1]:  # a negative prompt longer than the prompt
-            cond = pipe.encode_prompt(settings.prompts, clip_skip=settings.clip_skip, min_chunks=uncond.shape[1] // 77)
+            cond = pipe.encode_prompt(settings.prompts, clip_skip=settings.clip_skip, min_chunks=uncond.shape[1] // length)
         uncond = uncond.repeat_interleave(settings.images_per_prompt, dim=0).to(pipe.dtype)
     cond = cond.repeat_interleave(settings.images_per_prompt, dim=0).to(pipe.dtype)
     return Conditioning(cond, uncond)
