@@ -232,6 +232,27 @@ def test_smoke_run_writes_everything_and_exports(tmp_path):
     assert 0 <= zero_shot_accuracy(clip, tokenizer, n=4)["accuracy"] <= 1
 
 
+def test_fine_tuning_with_the_text_tower_frozen(tmp_path):
+    first = train_clip(tiny_config(tmp_path / "first", max_steps=2), progress=False)
+    tuned = train_clip(tiny_config(tmp_path / "tuned", pretrained=str(first.exported), freeze_text_tower=True,
+                                   vision_image_size=64, text_layers=4), progress=False)  # sizes come from the folder
+    before, after = load_clip_model(first.exported).state_dict(), load_clip_model(tuned.exported).state_dict()
+    assert before.keys() == after.keys()
+    text = [k for k in before if k.startswith("text_model.")]
+    learned = [k for k in before if not k.startswith("text_model.")]
+    assert text and all(torch.equal(before[k], after[k]) for k in text)
+    assert all(not torch.equal(before[k], after[k]) for k in ("text_projection.weight", "visual_projection.weight",
+                                                               "vision_model.embeddings.patch_embedding.weight"))
+    assert learned
+    # The SD text encoder a UNet was trained on is the same, and so is the tokenizer.
+    ids = CLIPTokenizer.from_folder(tmp_path / "first" / "tokenizer")(["a small red circle on the left"])
+    with torch.no_grad():
+        assert torch.equal(load_component(tmp_path / "first" / "text_encoder")(ids),
+                           load_component(tmp_path / "tuned" / "text_encoder")(ids))
+    assert CLIPTokenizer.from_folder(tmp_path / "tuned" / "tokenizer").vocab == \
+        CLIPTokenizer.from_folder(tmp_path / "first" / "tokenizer").vocab
+
+
 def test_resume_is_bitwise_exact(tmp_path):
     full = train_clip(tiny_config(tmp_path / "full", export=False), progress=False)
     half = tiny_config(tmp_path / "half", export=False, max_steps=2)

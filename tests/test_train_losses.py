@@ -9,9 +9,9 @@ from torch import nn
 from latentdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from latentdiff.train.ema import EMA, ema_decay_at
 from latentdiff.train.losses import (
-    NLayerDiscriminator, adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss, kl_loss,
+    NLayerDiscriminator, adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss, kl_loss, l1_error,
 )
-from latentdiff.train.optim import warmup_lr
+from latentdiff.train.optim import scheduled_lr, warmup_lr
 from latentdiff.train.unet import drop_captions, noisy_latents_and_target
 
 
@@ -122,6 +122,25 @@ def test_warmup_lr_schedule() -> None:
     assert [warmup_lr(s, 1e-4, 4) for s in range(6)] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
     assert warmup_lr(0, 1e-4, 0) == 1e-4
     assert warmup_lr(9_999, 1e-4, 10_000) == 1e-4 and warmup_lr(4_999, 1e-4, 10_000) == pytest.approx(5e-5)
+
+
+def test_cosine_schedule_after_warmup() -> None:
+    lrs = [scheduled_lr(s, 1.0, 10, 110, 0.1) for s in range(200)]
+    assert lrs[:10] == pytest.approx([warmup_lr(s, 1.0, 10) for s in range(10)])
+    assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1) and lrs[199] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises once decaying
+    assert [scheduled_lr(s, 1.0, 10, 0) for s in range(30)] == [warmup_lr(s, 1.0, 10) for s in range(30)]
+
+
+def test_l1_error_tolerance() -> None:
+    x = torch.zeros(1, 3, 2, 2)
+    recon = torch.tensor([0.05, -0.3, 0.08, 0.5]).reshape(1, 1, 2, 2).expand(1, 3, 2, 2).clone().requires_grad_(True)
+    assert torch.equal(l1_error(x, recon), recon.abs())
+    err = l1_error(x, recon, tolerance=0.1)
+    assert torch.allclose(err[0, 0].flatten(), torch.tensor([0.0, 0.2, 0.0, 0.4]))
+    err.sum().backward()
+    # no gradient for errors within the tolerance, the full L1 gradient for the others
+    assert torch.equal(recon.grad[0, 0].flatten(), torch.tensor([0.0, -1.0, 0.0, 1.0]))
 
 
 def test_caption_dropout_rate() -> None:

@@ -6,6 +6,12 @@
       unet/    the cross-attention UNet on cached latents, conditioned on the frozen CLIP text tower
       decoder/ the VAE decoder fine-tuned further with the encoder frozen (SD's ft-MSE move: the
                latent space, and so the UNet, is untouched; it can train beside the UNet stage)
+      sharpen/ the decoder fine-tuned once more from decoder/'s export with an L1 tolerance (errors
+               under 0.1 cost nothing), which puts the gradient on the edge pixels the judge misreads
+      anneal/  the UNet trained on from unet/'s export, on fresh scenes, with a cosine-annealed
+               learning rate (a fine-tune of the same loop: new AdamW, new EMA)
+      vision/  the CLIP fine-tuned from clip/'s export with its text tower frozen: the image side
+               (zero-shot ranking, CLIP score and FD features) improves, the UNet's text states do not move
       model/   the assembled diffusers-layout pipeline (what ships in latentdiff/weights/)
 
 Each stage is an ordinary run of its trainer (``train clip|vae|unet``) with the config
@@ -37,7 +43,7 @@ from ..checkpoints.errors import CheckpointError
 from .clip import CLIPTrainConfig
 from .config import UNetTrainConfig, VAETrainConfig
 
-STAGES = ("clip", "vae", "unet", "decoder", "assemble")
+STAGES = ("clip", "vae", "unet", "decoder", "sharpen", "anneal", "vision", "assemble")
 
 VAE_MODEL: dict[str, Any] = {
     "_class_name": "AutoencoderKL",
@@ -107,6 +113,41 @@ def unet_config(out: Path) -> UNetTrainConfig:
     )
 
 
+def sharpen_config(out: Path) -> VAETrainConfig:
+    """The decoder's second fine-tune. Plain L1 spends most of its gradient on flat areas already
+    within a level or two; with a tolerance of 0.1 it goes to the edge pixels that still read as
+    the wrong palette colour (probe, 300 steps: misread pixels per image 9.8 -> 5.7, reconstructions
+    judged correct 90% -> 94%, PSNR 34.5 -> 36.9 dB). A stage of its own for the reason given
+    in :func:`anneal_config`."""
+    return dataclasses.replace(
+        decoder_config(out), out_dir=str(out / "sharpen"), pretrained=str(out / "decoder" / "vae"), world_seed=6,
+        max_steps=3000, lr=2e-4, decay_steps=3000, min_lr_ratio=0.05, l1_tolerance=0.1,
+    )
+
+
+def anneal_config(out: Path) -> UNetTrainConfig:
+    """The UNet's second phase. Why a stage of its own rather than a longer ``unet`` stage: stages
+    are what separate sessions commit, and the ``unet`` stage had already shipped (7,000 steps at a
+    constant rate, still improving fast) when annealing was added; this stage starts from that
+    export, so ``train builtin`` reproduces exactly the recipe the shipped model went through.
+    Fresh scenes (another world seed) rather than a second pass over the same 40,000."""
+    return dataclasses.replace(
+        unet_config(out), out_dir=str(out / "anneal"), pretrained=str(out / "unet" / "model"), unet="tiny",
+        vae=None, text_encoder=None, tokenizer=None, world_seed=4, world_length=50000,
+        seed=1, max_steps=5000, lr=3e-4, warmup_steps=100, decay_steps=5000, min_lr_ratio=0.05, sample_every=1000,
+    )
+
+
+def vision_config(out: Path) -> CLIPTrainConfig:
+    """The CLIP's second phase: text tower frozen (the UNet was trained on its states), the image
+    tower, projections and temperature trained on, annealed. A stage of its own for the reason
+    given in :func:`anneal_config`."""
+    return dataclasses.replace(
+        clip_config(out), out_dir=str(out / "vision"), pretrained=str(out / "clip" / "clip"), freeze_text_tower=True,
+        world_seed=7, max_steps=1000, lr=3e-4, warmup_steps=50, decay_steps=1000, min_lr_ratio=0.05,
+    )
+
+
 def latent_scaling_factor(vae_folder: Path, images: int = 512, seed: int = 0) -> float:
     """1 / std of the posterior means of world images, as SD chose 0.18215 for its VAE."""
     from ..loading import load_component
@@ -139,14 +180,17 @@ def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Pat
     from ..models.clip_model import load_clip_model
     from ..models.tokenizer import CLIPTokenizer
 
-    unet_model = out / "unet" / "model"
+    unet_model = out / "anneal" / "model"
     if not (unet_model / "model_index.json").is_file():
-        raise CheckpointError(f"the UNet stage has not exported {unet_model} yet")
-    decoder = out / "decoder" / "vae"
-    pipe = latentdiff.load(unet_model, vae=decoder if (decoder / "config.json").is_file() else None)
+        raise CheckpointError(f"the anneal stage has not exported {unet_model} yet")
+    decoders = [out / stage / "vae" for stage in ("sharpen", "decoder") if (out / stage / "vae" / "config.json").is_file()]
+    pipe = latentdiff.load(unet_model, vae=decoders[0] if decoders else None)
     pipe.name = "shapes-v1"
     pipe.save(target, dtype=dtype)
-    clip_folder = out / "clip" / "clip"
+    clips = [f for f in (out / "vision" / "clip", out / "clip" / "clip") if (f / "config.json").is_file()]
+    if not clips:
+        raise CheckpointError(f"the clip stage has not exported {out / 'clip' / 'clip'} yet")
+    clip_folder = clips[0]
     load_clip_model(clip_folder).save(target / "clip", dtype=dtype)
     CLIPTokenizer.from_folder(clip_folder).save(target / "clip")
     return target
@@ -179,6 +223,12 @@ def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] 
         train_unet(unet_config(out), resume=(out / "unet" / "checkpoint.pt").is_file())
     if "decoder" in stages and not (out / "decoder" / "vae" / "config.json").is_file():
         train_vae(decoder_config(out), resume=(out / "decoder" / "checkpoint.pt").is_file())
+    if "sharpen" in stages and not (out / "sharpen" / "vae" / "config.json").is_file():
+        train_vae(sharpen_config(out), resume=(out / "sharpen" / "checkpoint.pt").is_file())
+    if "anneal" in stages and not (out / "anneal" / "model" / "model_index.json").is_file():
+        train_unet(anneal_config(out), resume=(out / "anneal" / "checkpoint.pt").is_file())
+    if "vision" in stages and not (out / "vision" / "clip" / "config.json").is_file():
+        train_clip(vision_config(out), resume=(out / "vision" / "checkpoint.pt").is_file())
     final = Path(target) if target else out / "model"
     if "assemble" in stages:
         assemble(out, final)
@@ -189,5 +239,8 @@ def describe() -> str:
     """The stage configs as JSON (for the README and for reproducing by hand)."""
     out = Path("runs/builtin")
     return json.dumps({"vae_model": VAE_MODEL, "unet_model": UNET_MODEL, "clip": dataclasses.asdict(clip_config(out)),
-                       "vae": dataclasses.asdict(vae_config(out)), "unet": dataclasses.asdict(unet_config(out))},
+                       "vae": dataclasses.asdict(vae_config(out)), "unet": dataclasses.asdict(unet_config(out)),
+                       "decoder": dataclasses.asdict(decoder_config(out)),
+                       "sharpen": dataclasses.asdict(sharpen_config(out)), "anneal": dataclasses.asdict(anneal_config(out)),
+                       "vision": dataclasses.asdict(vision_config(out))},
                       indent=2)

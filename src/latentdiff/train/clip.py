@@ -60,6 +60,12 @@ caption and the caption is ranked among itself and 8 one-attribute variants
 sample grid: every ``sample_every`` steps ``samples/step_N.png`` (a bar chart) and ``.json`` are
 written and a row is added to ``out_dir/zero_shot.csv``.
 
+**Fine-tuning.** ``pretrained`` starts from an exported ``clip/`` folder (its tokenizer too);
+with ``freeze_text_tower`` the text transformer is fixed and only the image tower, both
+projections and the temperature learn. The UNet reads the text transformer's hidden states,
+never the projection, so a UNet trained on this CLIP's text tower stays valid: the image side
+(zero-shot ranking, CLIP score, FD features) can keep improving after the UNet is trained.
+
 Run folder::
 
     out_dir/
@@ -88,7 +94,7 @@ from torch import Tensor
 from ..checkpoints.diffusers_folder import save_component
 from ..checkpoints.io import atomic_path
 from ..models.clip import CLIPTextConfig
-from ..models.clip_model import CLIPConfig, CLIPModel, CLIPVisionConfig, image_preprocess
+from ..models.clip_model import CLIPConfig, CLIPModel, CLIPVisionConfig, image_preprocess, load_clip_model
 from ..models.tokenizer import CLIPTokenizer, train_clip_bpe
 from ..world.captions import CaptionSpec, ObjectSpec, caption, parse_caption, sample_scene, scene_from_caption
 from ..world.dataset import WorldDataset, held_out_prompts, zero_shot_candidates
@@ -98,7 +104,7 @@ from .build import resolve_device, seeded
 from .config import TrainConfig, TrainConfigError
 from .ema import EMA
 from .loop import TrainResult, TrainTask, run_training
-from .optim import autocast, clipped_step, set_lr, warmup_lr
+from .optim import autocast, clipped_step, scheduled_lr, set_lr
 
 ATTRIBUTE_KINDS: tuple[str, ...] = ("colour", "shape", "size", "position", "background", "swap")
 """Kinds of hard negatives: one object's attribute, the background, or a swap between the objects."""
@@ -116,6 +122,12 @@ class CLIPTrainConfig(TrainConfig):
     """Contrastive CLIP training on the Shapes World (see the module docstring for the recipe)."""
 
     out_dir: str = "runs/clip"
+    # fine-tune a CLIP folder (transformers layout with its tokenizer files, as this trainer exports it);
+    # its sizes and tokenizer replace the tower and tokenizer settings below
+    pretrained: str | None = None
+    # keep the text tower fixed (projections, image tower and temperature still train): the text states a
+    # UNet was trained on stay exactly the same, so the CLIP's image side can improve after the UNet exists
+    freeze_text_tower: bool = False
     world_length: int = 2**40  # stream of fresh scenes; a smaller value repeats them (epochs)
     # ---- text tower (SD's CLIPTextModel) ----
     text_hidden_size: int = 128
@@ -145,11 +157,7 @@ class CLIPTrainConfig(TrainConfig):
     batch_size: int = 128
     lr: float = 5e-4
     warmup_steps: int = 100
-    # > 0: cosine decay from lr (after warm-up) to min_lr_ratio * lr at this step, constant after; 0: constant lr.
-    # Keep it at max_steps: annealing is what lifts shape and position (a 600-step probe: 48% -> 67% zero-shot
-    # in 200 steps of decay, where the constant lr had plateaued).
-    decay_steps: int = 3000
-    min_lr_ratio: float = 0.1
+    decay_steps: int = 3000  # keep it at max_steps: annealing is what lifts shape and position (see optim)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     weight_decay: float = 0.1
@@ -182,8 +190,6 @@ class CLIPTrainConfig(TrainConfig):
             raise TrainConfigError(f"contrastive training needs batch_size >= 2, got {self.batch_size}")
         if not 1 <= self.zero_shot_n <= 400:
             raise TrainConfigError(f"zero_shot_n must be in 1..400 (held-out prompts), got {self.zero_shot_n}")
-        if self.decay_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise TrainConfigError("decay_steps must be >= 0 and min_lr_ratio in [0, 1]")
         if not 0.0 <= self.logit_scale_init <= MAX_LOGIT_SCALE:
             raise TrainConfigError(f"logit_scale_init must be in [0, log 100], got {self.logit_scale_init}")
         try:
@@ -210,13 +216,8 @@ class CLIPTrainConfig(TrainConfig):
 
 
 def lr_at(step: int, config: CLIPTrainConfig) -> float:
-    """Linear warm-up, then constant, or cosine down to ``min_lr_ratio * lr`` at ``decay_steps``."""
-    lr = warmup_lr(step, config.lr, config.warmup_steps)
-    if config.decay_steps <= 0 or step < config.warmup_steps:
-        return lr
-    span = max(1, config.decay_steps - config.warmup_steps)
-    t = min(1.0, (step - config.warmup_steps) / span)
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    """The config's learning rate at ``step`` (:func:`~latentdiff.train.optim.scheduled_lr`)."""
+    return scheduled_lr(step, config.lr, config.warmup_steps, config.decay_steps, config.min_lr_ratio)
 
 
 # ============================================================================= captions
@@ -522,15 +523,22 @@ class CLIPTrainer(TrainTask):
         config.validate()
         self.config = cfg = config
         self.device = resolve_device(cfg.device)
-        self.tokenizer = train_world_tokenizer(cfg)
+        if cfg.pretrained:
+            self.tokenizer = CLIPTokenizer.from_folder(cfg.pretrained)
+            model = load_clip_model(cfg.pretrained, dtype=torch.float32)
+        else:
+            self.tokenizer = train_world_tokenizer(cfg)
+            tok = self.tokenizer
+            clip_config = cfg.clip_config(tok.vocab_size, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+            with seeded(cfg.seed):
+                model = CLIPModel(clip_config)
         self._store_tokenizer(Path(cfg.out_dir) / "tokenizer")
-        tok = self.tokenizer
-        clip_config = cfg.clip_config(tok.vocab_size, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-        with seeded(cfg.seed):
-            model = CLIPModel(clip_config)
         self.model = model.to(self.device, torch.float32).train().requires_grad_(True)
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        if cfg.freeze_text_tower:
+            self.model.text_model.requires_grad_(False)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=False,
@@ -576,7 +584,7 @@ class CLIPTrainer(TrainTask):
             for i, j in itertools.product(range(b), range(b)):
                 if i != j and describes(specs[j], scenes[i]):
                     mask[i, j] = True
-        return world_pixels(np.stack(images), cfg.vision_image_size), texts, negatives, mask
+        return world_pixels(np.stack(images), self.model.config.vision_config.image_size), texts, negatives, mask
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:

@@ -42,7 +42,10 @@ class TrainConfig:
     batch_size: int = 8  # per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4
-    warmup_steps: int = 100  # linear warm-up of the learning rate, then constant
+    warmup_steps: int = 100  # linear warm-up of the learning rate
+    # > 0: after warm-up, cosine decay from lr to min_lr_ratio * lr at this step (constant after); 0: constant lr
+    decay_steps: int = 0
+    min_lr_ratio: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
@@ -71,6 +74,10 @@ class TrainConfig:
                 raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise TrainConfigError(f"lr must be positive, got {self.lr}")
+        if self.decay_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise TrainConfigError(
+                f"decay_steps must be >= 0 and min_lr_ratio in [0, 1], got {self.decay_steps} and {self.min_lr_ratio}"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise TrainConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip < 0:
@@ -169,7 +176,7 @@ class VAETrainConfig(TrainConfig):
 
     Loss, as in LDM's ``LPIPSWithDiscriminator`` (per-sample sums, batch mean)::
 
-        rec = sum |x - x_hat| + perceptual_weight * LPIPS(x, x_hat) * pixels
+        rec = sum max(|x - x_hat| - l1_tolerance, 0) + perceptual_weight * LPIPS(x, x_hat) * pixels
         loss_G = rec + kl_weight * KL + adaptive_w * disc_weight * disc_factor * (-D(x_hat))
         loss_D = disc_factor * hinge(D(x), D(x_hat))
 
@@ -185,6 +192,9 @@ class VAETrainConfig(TrainConfig):
     weight_decay: float = 0.0
     warmup_steps: int = 0
     kl_weight: float = 1e-6
+    # errors up to this (pixels in [-1, 1]) cost nothing: the L1 term's gradient goes to the pixels still
+    # visibly wrong (a flat-coloured world's edges) instead of flat areas already within a few levels
+    l1_tolerance: float = 0.0
     sample_posterior: bool = True  # decode a posterior sample (LDM) rather than its mean
     init_logvar: float | None = -7.0  # a fresh encoder starts with posterior log-variance this (None: random)
     train_decoder_only: bool = False  # fine-tune the decoder of `pretrained` only, as SD's ft-MSE VAE did
@@ -200,8 +210,8 @@ class VAETrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.kl_weight < 0 or self.disc_weight < 0 or self.perceptual_weight < 0:
-            raise TrainConfigError("kl_weight, disc_weight and perceptual_weight must be >= 0")
+        if self.kl_weight < 0 or self.disc_weight < 0 or self.perceptual_weight < 0 or self.l1_tolerance < 0:
+            raise TrainConfigError("kl_weight, disc_weight, perceptual_weight and l1_tolerance must be >= 0")
         if self.disc_layers < 1:
             raise TrainConfigError(f"disc_layers must be >= 1, got {self.disc_layers}")
         if self.perceptual_weight > 0 and not (self.lpips_vgg and self.lpips_lin):

@@ -1,8 +1,9 @@
-"""Autoencoder losses: KL term, PatchGAN discriminator, hinge loss, adaptive GAN weight.
+"""Autoencoder losses: reconstruction term, KL term, PatchGAN discriminator, hinge loss, adaptive GAN weight.
 
 These follow taming-transformers / LDM (``LPIPSWithDiscriminator``,
 ``NLayerDiscriminator``) so that published VAE training recipes carry over:
 
+- ``l1_error``: per-pixel |x - x_hat|, less a tolerance (latentdiff's addition, 0 = LDM's L1);
 - ``kl_loss``: KL(q(z|x) || N(0, I)) summed over latent dimensions, averaged over the batch;
 - ``NLayerDiscriminator``: pix2pix's PatchGAN (4x4 convs, BatchNorm, LeakyReLU 0.2),
   giving one real/fake logit per overlapping patch;
@@ -20,6 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.vae import DiagonalGaussian
+
+
+def l1_error(images: Tensor, recon: Tensor, tolerance: float = 0.0) -> Tensor:
+    """Per-pixel reconstruction error ``max(|x - x_hat| - tolerance, 0)``, the shape of ``images``.
+
+    With a tolerance, errors too small to matter cost nothing and get no gradient, so the
+    gradient goes to the pixels still visibly wrong (on a flat-coloured world, the edges).
+    """
+    error = (images - recon).abs()
+    return (error - tolerance).clamp(min=0) if tolerance > 0 else error
 
 
 def kl_loss(posterior: DiagonalGaussian) -> Tensor:

@@ -8,7 +8,8 @@ Per optimizer step and micro-batch (LDM's ``LPIPSWithDiscriminator``, both
 optimizers on the same batch, as taming/LDM do):
 
 1. generator: ``x_hat = decode(z)``, z a posterior sample (``sample_posterior``) or its mean;
-   ``rec = sum|x - x_hat| (+ perceptual_weight * LPIPS * pixels)`` per image, batch mean;
+   ``rec = sum max(|x - x_hat| - l1_tolerance, 0) (+ perceptual_weight * LPIPS * pixels)`` per
+   image, batch mean;
    ``loss = rec + kl_weight * KL + w * disc_factor * (-D(x_hat))`` with ``w`` the adaptive
    weight times ``disc_weight``; the discriminator is frozen for this backward pass;
 2. discriminator: ``disc_factor * hinge(D(x), D(x_hat.detach()))``.
@@ -34,9 +35,11 @@ from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
 from .ema import EMA
 from .grid import save_grid
 from .loop import TrainResult, TrainTask, run_training
-from .losses import NLayerDiscriminator, adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss, kl_loss
+from .losses import (
+    NLayerDiscriminator, adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss, kl_loss, l1_error,
+)
 from .lpips import LPIPS
-from .optim import autocast, clipped_step, make_adamw, set_lr, warmup_lr
+from .optim import autocast, clipped_step, make_adamw, scheduled_lr, set_lr
 
 
 class VAETrainer(TrainTask):
@@ -103,7 +106,7 @@ class VAETrainer(TrainTask):
                       sample_posterior=cfg.sample_posterior)
         recon = out.sample.float()  # (B, 3, H, W)
         abs_err = (images - recon).abs()
-        rec = abs_err
+        rec = l1_error(images, recon, cfg.l1_tolerance)
         p_loss = torch.zeros((), device=self.device)
         if self.lpips is not None:
             p = self.lpips(images, recon)  # (B, 1, 1, 1)
@@ -136,9 +139,10 @@ class VAETrainer(TrainTask):
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
+        lr = scheduled_lr(step, cfg.lr, cfg.warmup_steps, cfg.decay_steps, cfg.min_lr_ratio)
         set_lr(self.optimizers["vae"], lr)
-        set_lr(self.optimizers["discriminator"], warmup_lr(step, cfg.disc_lr or cfg.lr, cfg.warmup_steps))
+        set_lr(self.optimizers["discriminator"],
+               scheduled_lr(step, cfg.disc_lr or cfg.lr, cfg.warmup_steps, cfg.decay_steps, cfg.min_lr_ratio))
         factor = disc_factor(step, cfg.disc_start)
         totals: dict[str, float] = defaultdict(float)
         for _ in range(cfg.grad_accum):
