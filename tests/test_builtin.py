@@ -19,7 +19,7 @@ from latentdiff.train import builtin
 def tiny_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real stage configs, cut down to a couple of steps on a handful of images."""
     clip, vae, unet, decoder = builtin.clip_config, builtin.vae_config, builtin.unet_config, builtin.decoder_config
-    sharpen, anneal, vision = builtin.sharpen_config, builtin.anneal_config, builtin.vision_config
+    sharpen, anneal = builtin.sharpen_config, builtin.anneal_config
     few = dict(sample_every=0, checkpoint_every=100, log_every=1)
     monkeypatch.setattr(builtin, "clip_config", lambda out: dataclasses.replace(
         clip(out), max_steps=2, batch_size=8, text_layers=1, vision_layers=1, tokenizer_captions=300,
@@ -34,8 +34,6 @@ def tiny_stages(monkeypatch: pytest.MonkeyPatch) -> None:
         sharpen(out), max_steps=2, batch_size=4, world_length=16, decay_steps=2, **few))
     monkeypatch.setattr(builtin, "anneal_config", lambda out: dataclasses.replace(
         anneal(out), max_steps=2, batch_size=4, world_length=16, sample_steps=2, warmup_steps=1, decay_steps=2, **few))
-    monkeypatch.setattr(builtin, "vision_config", lambda out: dataclasses.replace(
-        vision(out), max_steps=2, batch_size=8, zero_shot_n=4, warmup_steps=1, decay_steps=2, **few))
 
 
 def test_builtin_stages_build_a_loadable_model(tmp_path: Path, tiny_stages) -> None:
@@ -48,13 +46,12 @@ def test_builtin_stages_build_a_loadable_model(tmp_path: Path, tiny_stages) -> N
     image = pipe.txt2img("a large red circle in the center on a white background", steps=2)[0]
     assert np.asarray(image).shape == (64, 64, 3)
     assert (target / "clip" / "config.json").is_file() and (target / "clip" / "vocab.json").is_file()
-    # Each part comes from the last stage that trained it: the UNet from anneal, the VAE from
-    # sharpen, the CLIP from vision; the text encoder is the clip stage's, which vision leaves alone.
+    # Each part comes from the last stage that trained it: the UNet from anneal, the VAE from sharpen.
     for part, stage in (("unet", "anneal/model/unet"), ("vae", "sharpen/vae"), ("text_encoder", "clip/text_encoder")):
         shipped, trained = latentdiff.load_component(target / part), latentdiff.load_component(out / stage)
         assert all(torch.equal(v.half(), shipped.state_dict()[k]) for k, v in trained.state_dict().items()), part
-    vision = load_clip_model(out / "vision" / "clip").state_dict()
-    assert all(torch.equal(v.half(), load_clip_model(target / "clip").state_dict()[k]) for k, v in vision.items())
+    clip = load_clip_model(out / "clip" / "clip").state_dict()
+    assert all(torch.equal(v.half(), load_clip_model(target / "clip").state_dict()[k]) for k, v in clip.items())
     weights = [f for f in target.rglob("*.safetensors")]
     assert weights and all(f.stat().st_size < 40e6 for f in weights)
 

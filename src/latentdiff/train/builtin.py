@@ -10,8 +10,6 @@
                under 0.1 cost nothing), which puts the gradient on the edge pixels the judge misreads
       anneal/  the UNet trained on from unet/'s export, on fresh scenes, with a cosine-annealed
                learning rate (a fine-tune of the same loop: new AdamW, new EMA)
-      vision/  the CLIP fine-tuned from clip/'s export with its text tower frozen: the image side
-               (zero-shot ranking, CLIP score and FD features) improves, the UNet's text states do not move
       model/   the assembled diffusers-layout pipeline (what ships in latentdiff/weights/)
 
 Each stage is an ordinary run of its trainer (``train clip|vae|unet``) with the config
@@ -43,7 +41,7 @@ from ..checkpoints.errors import CheckpointError
 from .clip import CLIPTrainConfig
 from .config import UNetTrainConfig, VAETrainConfig
 
-STAGES = ("clip", "vae", "unet", "decoder", "sharpen", "anneal", "vision", "assemble")
+STAGES = ("clip", "vae", "unet", "decoder", "sharpen", "anneal", "assemble")
 
 VAE_MODEL: dict[str, Any] = {
     "_class_name": "AutoencoderKL",
@@ -134,17 +132,7 @@ def anneal_config(out: Path) -> UNetTrainConfig:
     return dataclasses.replace(
         unet_config(out), out_dir=str(out / "anneal"), pretrained=str(out / "unet" / "model"), unet="tiny",
         vae=None, text_encoder=None, tokenizer=None, world_seed=4, world_length=50000,
-        seed=1, max_steps=5000, lr=3e-4, warmup_steps=100, decay_steps=5000, min_lr_ratio=0.05, sample_every=1000,
-    )
-
-
-def vision_config(out: Path) -> CLIPTrainConfig:
-    """The CLIP's second phase: text tower frozen (the UNet was trained on its states), the image
-    tower, projections and temperature trained on, annealed. A stage of its own for the reason
-    given in :func:`anneal_config`."""
-    return dataclasses.replace(
-        clip_config(out), out_dir=str(out / "vision"), pretrained=str(out / "clip" / "clip"), freeze_text_tower=True,
-        world_seed=7, max_steps=1000, lr=3e-4, warmup_steps=50, decay_steps=1000, min_lr_ratio=0.05,
+        seed=1, max_steps=6000, lr=3e-4, warmup_steps=100, decay_steps=6000, min_lr_ratio=0.05, sample_every=1000,
     )
 
 
@@ -187,10 +175,9 @@ def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Pat
     pipe = latentdiff.load(unet_model, vae=decoders[0] if decoders else None)
     pipe.name = "shapes-v1"
     pipe.save(target, dtype=dtype)
-    clips = [f for f in (out / "vision" / "clip", out / "clip" / "clip") if (f / "config.json").is_file()]
-    if not clips:
-        raise CheckpointError(f"the clip stage has not exported {out / 'clip' / 'clip'} yet")
-    clip_folder = clips[0]
+    clip_folder = out / "clip" / "clip"
+    if not (clip_folder / "config.json").is_file():
+        raise CheckpointError(f"the clip stage has not exported {clip_folder} yet")
     load_clip_model(clip_folder).save(target / "clip", dtype=dtype)
     CLIPTokenizer.from_folder(clip_folder).save(target / "clip")
     return target
@@ -227,8 +214,6 @@ def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] 
         train_vae(sharpen_config(out), resume=(out / "sharpen" / "checkpoint.pt").is_file())
     if "anneal" in stages and not (out / "anneal" / "model" / "model_index.json").is_file():
         train_unet(anneal_config(out), resume=(out / "anneal" / "checkpoint.pt").is_file())
-    if "vision" in stages and not (out / "vision" / "clip" / "config.json").is_file():
-        train_clip(vision_config(out), resume=(out / "vision" / "checkpoint.pt").is_file())
     final = Path(target) if target else out / "model"
     if "assemble" in stages:
         assemble(out, final)
@@ -241,6 +226,5 @@ def describe() -> str:
     return json.dumps({"vae_model": VAE_MODEL, "unet_model": UNET_MODEL, "clip": dataclasses.asdict(clip_config(out)),
                        "vae": dataclasses.asdict(vae_config(out)), "unet": dataclasses.asdict(unet_config(out)),
                        "decoder": dataclasses.asdict(decoder_config(out)),
-                       "sharpen": dataclasses.asdict(sharpen_config(out)), "anneal": dataclasses.asdict(anneal_config(out)),
-                       "vision": dataclasses.asdict(vision_config(out))},
+                       "sharpen": dataclasses.asdict(sharpen_config(out)), "anneal": dataclasses.asdict(anneal_config(out))},
                       indent=2)

@@ -3,7 +3,7 @@
     latentdiff train vae  --config vae.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train unet --config unet.toml [--resume] [--out DIR] [--steps N]
     latentdiff train clip --config clip.toml [--resume] [--out DIR] [--steps N]
-    latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|vision|assemble] [--target DIR]
+    latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|assemble] [--target DIR]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         p.set_defaults(func=run_train_command)
     builtin = which.add_parser("builtin", help="reproduce the built-in Shapes World model from nothing, stage by stage")
     builtin.add_argument("--out", default="runs/builtin", help="run folder of all stages (default runs/builtin)")
-    builtin.add_argument("--stage", action="append", help="run only this stage (repeatable): clip, vae, unet, decoder, sharpen, anneal, vision, assemble")
+    builtin.add_argument("--stage", action="append", help="run only this stage (repeatable): clip, vae, unet, decoder, sharpen, anneal, assemble")
     builtin.add_argument("--target", help="where the assembled model goes (default OUT/model)")
     builtin.set_defaults(func=run_builtin_command)
     return train
