@@ -27,7 +27,7 @@ from .models.vae import AutoencoderKL, VAEConfig
 from .pipeline import Pipeline
 from .schedule import ScheduleConfig
 
-BUILTIN_MODEL = Path(__file__).parent / "weights" / "shapes-v1"
+BUILTIN_MODEL = Path(__file__).parent / "weights" / "shapes-v2"
 
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 

@@ -329,8 +329,8 @@ class ClipScorer:
 class FeatureExtractor:
     """Images -> feature rows (N, D) for the Frechet distance, with the metric's name and cache identity."""
 
-    name: str  # "clip-shapes-v1", "inception-v3-fid"
-    metric: str  # "FD (clip-shapes-v1)", "FID"
+    name: str  # "clip-shapes-v2", "inception-v3-fid"
+    metric: str  # "FD (clip-shapes-v2)", "FID"
     dim: int
     identity: dict[str, Any]
     fn: Callable[[Sequence[Any]], np.ndarray]

@@ -116,7 +116,8 @@ def sharpen_config(out: Path) -> VAETrainConfig:
     within a level or two; with a tolerance of 0.1 it goes to the edge pixels that still read as
     the wrong palette colour (probe, 300 steps: misread pixels per image 9.8 -> 5.7, reconstructions
     judged correct 90% -> 94%, PSNR 34.5 -> 36.9 dB). A stage of its own for the reason given
-    in :func:`anneal_config`."""
+    in :func:`anneal_config`. The shipped shapes-v2 ran it from the float16 copy of the ``decoder``
+    export that shipped as shapes-v1."""
     return dataclasses.replace(
         decoder_config(out), out_dir=str(out / "sharpen"), pretrained=str(out / "decoder" / "vae"), world_seed=6,
         max_steps=3000, lr=2e-4, decay_steps=3000, min_lr_ratio=0.05, l1_tolerance=0.1,
@@ -128,7 +129,13 @@ def anneal_config(out: Path) -> UNetTrainConfig:
     are what separate sessions commit, and the ``unet`` stage had already shipped (7,000 steps at a
     constant rate, still improving fast) when annealing was added; this stage starts from that
     export, so ``train builtin`` reproduces exactly the recipe the shipped model went through.
-    Fresh scenes (another world seed) rather than a second pass over the same 40,000."""
+    Fresh scenes (another world seed) rather than a second pass over the same 40,000.
+
+    Provenance of the shipped shapes-v2: this run started from the float16 copy of the ``unet``
+    export that shipped as shapes-v1 (the stage's float32 export was not kept), was resumed at
+    step 750 after ``max_steps``/``decay_steps`` went from 5,000 to 6,000 (learning rates differ
+    by under 1% over those first steps) and at step 3,500 with 2 threads instead of 1, so a fresh
+    run of this config reproduces the recipe, not the exact bits."""
     return dataclasses.replace(
         unet_config(out), out_dir=str(out / "anneal"), pretrained=str(out / "unet" / "model"), unet="tiny",
         vae=None, text_encoder=None, tokenizer=None, world_seed=4, world_length=50000,
@@ -173,7 +180,7 @@ def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Pat
         raise CheckpointError(f"the anneal stage has not exported {unet_model} yet")
     decoders = [out / stage / "vae" for stage in ("sharpen", "decoder") if (out / stage / "vae" / "config.json").is_file()]
     pipe = latentdiff.load(unet_model, vae=decoders[0] if decoders else None)
-    pipe.name = "shapes-v1"
+    pipe.name = "shapes-v2"
     pipe.save(target, dtype=dtype)
     clip_folder = out / "clip" / "clip"
     if not (clip_folder / "config.json").is_file():
