@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from latentdiff.checkpoints.errors import CheckpointError
 from latentdiff.loading import load_component
 from latentdiff.models.clip import CLIPTextModel
 from latentdiff.models.clip_model import load_clip_model
@@ -251,6 +252,8 @@ def test_fine_tuning_with_the_text_tower_frozen(tmp_path):
                            load_component(tmp_path / "tuned" / "text_encoder")(ids))
     assert CLIPTokenizer.from_folder(tmp_path / "tuned" / "tokenizer").vocab == \
         CLIPTokenizer.from_folder(tmp_path / "first" / "tokenizer").vocab
+    with pytest.raises(CheckpointError, match="no such folder"):
+        CLIPTrainer(tiny_config(tmp_path / "bad", pretrained=str(tmp_path / "missing")))
 
 
 def test_resume_is_bitwise_exact(tmp_path):

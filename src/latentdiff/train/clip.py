@@ -524,8 +524,8 @@ class CLIPTrainer(TrainTask):
         self.config = cfg = config
         self.device = resolve_device(cfg.device)
         if cfg.pretrained:
+            model = load_clip_model(cfg.pretrained, dtype=torch.float32)  # names a missing or wrong folder
             self.tokenizer = CLIPTokenizer.from_folder(cfg.pretrained)
-            model = load_clip_model(cfg.pretrained, dtype=torch.float32)
         else:
             self.tokenizer = train_world_tokenizer(cfg)
             tok = self.tokenizer
