@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,21 +207,20 @@ def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] 
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
 
-    if "clip" in stages and not (out / "clip" / "text_encoder" / "config.json").is_file():
-        train_clip(clip_config(out), resume=(out / "clip" / "checkpoint.pt").is_file())
-    if "vae" in stages and not (out / "vae" / "vae" / "config.json").is_file():
-        train_vae(vae_config(out), resume=(out / "vae" / "checkpoint.pt").is_file())
+    def run(stage: str, train: Callable[..., Any], config: Callable[[Path], Any], export: str) -> None:
+        """Train ``stage`` (its run folder is ``out/stage``) unless skipped or its ``export`` exists."""
+        if stage in stages and not (out / stage / export).is_file():
+            train(config(out), resume=(out / stage / "checkpoint.pt").is_file())
+
+    run("clip", train_clip, clip_config, "text_encoder/config.json")
+    run("vae", train_vae, vae_config, "vae/config.json")
     vae_folder = out / "vae" / "vae"
     if (vae_folder / "config.json").is_file() and json.loads((vae_folder / "config.json").read_text())["scaling_factor"] == 1.0:
         print(f"latent scaling factor: {_set_scaling_factor(vae_folder)}")  # before any stage reads the VAE
-    if "unet" in stages and not (out / "unet" / "model" / "model_index.json").is_file():
-        train_unet(unet_config(out), resume=(out / "unet" / "checkpoint.pt").is_file())
-    if "decoder" in stages and not (out / "decoder" / "vae" / "config.json").is_file():
-        train_vae(decoder_config(out), resume=(out / "decoder" / "checkpoint.pt").is_file())
-    if "sharpen" in stages and not (out / "sharpen" / "vae" / "config.json").is_file():
-        train_vae(sharpen_config(out), resume=(out / "sharpen" / "checkpoint.pt").is_file())
-    if "anneal" in stages and not (out / "anneal" / "model" / "model_index.json").is_file():
-        train_unet(anneal_config(out), resume=(out / "anneal" / "checkpoint.pt").is_file())
+    run("unet", train_unet, unet_config, "model/model_index.json")
+    run("decoder", train_vae, decoder_config, "vae/config.json")
+    run("sharpen", train_vae, sharpen_config, "vae/config.json")
+    run("anneal", train_unet, anneal_config, "model/model_index.json")
     final = Path(target) if target else out / "model"
     if "assemble" in stages:
         assemble(out, final)
