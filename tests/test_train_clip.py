@@ -25,7 +25,6 @@ from latentdiff.train.clip import (
     clip_loss,
     describes,
     hard_negatives,
-    lr_at,
     one_attribute_variants,
     tokenize_batch,
     train_clip,
@@ -184,10 +183,10 @@ def test_config_validation_and_file_round_trip(tmp_path):
     CLIPTrainConfig(max_steps=7).save(path)
     assert CLIPTrainConfig.from_file(path) == CLIPTrainConfig(max_steps=7)
     cfg = CLIPTrainConfig(lr=1.0, warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
-    assert lr_at(500, cfg) == pytest.approx(0.1)
-    assert lr_at(500, cfg.replace(decay_steps=0)) == 1.0
+    assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == pytest.approx(1.0)
+    assert cfg.lr_at(60) == pytest.approx(0.55) and cfg.lr_at(110) == pytest.approx(0.1)
+    assert cfg.lr_at(500) == pytest.approx(0.1)
+    assert cfg.replace(decay_steps=0).lr_at(500) == 1.0
 
 
 def test_cut_texts_encode_like_full_length(tmp_path):

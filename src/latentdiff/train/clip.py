@@ -104,7 +104,7 @@ from .build import resolve_device, seeded
 from .config import TrainConfig, TrainConfigError
 from .ema import EMA
 from .loop import TrainResult, TrainTask, run_training
-from .optim import autocast, clipped_step, scheduled_lr, set_lr
+from .optim import autocast, clipped_step, set_lr
 
 ATTRIBUTE_KINDS: tuple[str, ...] = ("colour", "shape", "size", "position", "background", "swap")
 """Kinds of hard negatives: one object's attribute, the background, or a swap between the objects."""
@@ -213,11 +213,6 @@ class CLIPTrainConfig(TrainConfig):
         )
         return CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.projection_dim,
                           logit_scale_init_value=self.logit_scale_init)
-
-
-def lr_at(step: int, config: CLIPTrainConfig) -> float:
-    """The config's learning rate at ``step`` (:func:`~latentdiff.train.optim.scheduled_lr`)."""
-    return scheduled_lr(step, config.lr, config.warmup_steps, config.decay_steps, config.min_lr_ratio)
 
 
 # ============================================================================= captions
@@ -589,7 +584,7 @@ class CLIPTrainer(TrainTask):
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
         cfg, model = self.config, self.model
-        lr = lr_at(step, cfg)
+        lr = cfg.lr_at(step)
         set_lr(self.optimizer, lr)
         totals = dict.fromkeys(("loss", "i2t", "t2i", "acc", "hard_acc"), 0.0)
         for _ in range(cfg.grad_accum):

@@ -17,6 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
+from .optim import scheduled_lr
+
 C = TypeVar("C", bound="TrainConfig")
 
 
@@ -82,6 +84,12 @@ class TrainConfig:
             raise TrainConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip < 0:
             raise TrainConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
+
+    def lr_at(self, step: int, base_lr: float | None = None) -> float:
+        """The learning rate of optimizer step ``step`` (:func:`~latentdiff.train.optim.scheduled_lr`) for
+        ``base_lr`` (default ``lr``) under this config's warm-up and decay."""
+        lr = self.lr if base_lr is None else base_lr
+        return scheduled_lr(step, lr, self.warmup_steps, self.decay_steps, self.min_lr_ratio)
 
     # ------------------------------------------------------------------ files
     @classmethod

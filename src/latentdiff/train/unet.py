@@ -56,7 +56,7 @@ from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
 from .ema import EMA
 from .grid import save_grid
 from .loop import TrainResult, TrainTask, run_training
-from .optim import autocast, clipped_step, make_adamw, scheduled_lr, set_lr
+from .optim import autocast, clipped_step, make_adamw, set_lr
 
 _TEXT_CHUNK = 64  # captions per text-encoder call when filling the cache
 
@@ -240,7 +240,7 @@ class UNetTrainer(TrainTask):
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        lr = scheduled_lr(step, cfg.lr, cfg.warmup_steps, cfg.decay_steps, cfg.min_lr_ratio)
+        lr = cfg.lr_at(step)
         set_lr(self.optimizers["unet"], lr)
         loss = sum(self._micro_step(self.order.next(cfg.batch_size), cfg.grad_accum) for _ in range(cfg.grad_accum))
         grad_norm = float(clipped_step(self.optimizers["unet"], cfg.grad_clip))

@@ -39,7 +39,7 @@ from .losses import (
     NLayerDiscriminator, adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss, kl_loss, l1_error,
 )
 from .lpips import LPIPS
-from .optim import autocast, clipped_step, make_adamw, scheduled_lr, set_lr
+from .optim import autocast, clipped_step, make_adamw, set_lr
 
 
 class VAETrainer(TrainTask):
@@ -139,10 +139,9 @@ class VAETrainer(TrainTask):
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        lr = scheduled_lr(step, cfg.lr, cfg.warmup_steps, cfg.decay_steps, cfg.min_lr_ratio)
+        lr = cfg.lr_at(step)
         set_lr(self.optimizers["vae"], lr)
-        set_lr(self.optimizers["discriminator"],
-               scheduled_lr(step, cfg.disc_lr or cfg.lr, cfg.warmup_steps, cfg.decay_steps, cfg.min_lr_ratio))
+        set_lr(self.optimizers["discriminator"], cfg.lr_at(step, cfg.disc_lr or cfg.lr))
         factor = disc_factor(step, cfg.disc_start)
         totals: dict[str, float] = defaultdict(float)
         for _ in range(cfg.grad_accum):
