@@ -152,7 +152,7 @@ def test_bad_arguments_are_named(pipe, init_image, mask) -> None:
         pipe.inpaint("x", image=init_image, mask=mask.resize((8, 8)))
     with pytest.raises(ValueError, match="unknown sampler 'nope'.*'euler_a' \\('Euler a'\\)"):
         pipe.txt2img("x", sampler="nope")
-    assert get_sampler("DPM++ 2M Karras").id == "dpmpp_2m_karras"
+    assert get_sampler("DPM++ 2M Karras").sigma_schedule == "karras"
 
 
 def test_callback_sees_every_step_and_can_cancel(pipe) -> None:

@@ -19,7 +19,7 @@ from latentdiff.samplers import (
     sample_euler,
     vp_denoiser,
 )
-from latentdiff.schedule import NoiseSchedule, ScheduleConfig
+from latentdiff.schedule import SD15_SCHEDULER_CONFIG, NoiseSchedule, ScheduleConfig
 
 SHAPE = (2, 4, 8, 8)
 W = torch.randn(4, 4, generator=torch.Generator().manual_seed(123)) / 2
@@ -43,7 +43,7 @@ def run_diffusers(spec, cfg, steps, *, strength=None, step_kw=None, x0=None):
     stochastic schedulers then keep drawing from."""
     diffusers = pytest.importorskip("diffusers")
     sched = getattr(diffusers, spec.diffusers_class).from_config(
-        {**cfg.to_dict(spec.diffusers_class), **spec.diffusers_config})
+        {**cfg.to_dict(spec.diffusers_class), **spec.reference_config})
     g = gens()
     noise = randn_like(torch.zeros(SHAPE), g)
     sched.set_timesteps(steps)
@@ -67,9 +67,9 @@ def run_diffusers(spec, cfg, steps, *, strength=None, step_kw=None, x0=None):
 
 
 def run_ours(spec, cfg, steps, *, strength=None, options=None, x0=None):
-    ns = NoiseSchedule(cfg)
+    ns = spec.schedule(cfg)
     plan = spec.plan(ns, steps, strength=strength)
-    denoise = vp_denoiser(eps_model, ns, discrete_timesteps=plan.discrete_timesteps)
+    denoise = vp_denoiser(eps_model, ns, discrete_timesteps=plan.discrete_timesteps, timesteps=plan.timesteps)
     g = gens()
     noise = randn_like(torch.zeros(SHAPE), g)
     x = noise * plan.init_noise_sigma if strength is None else x0 + noise * plan.sigmas[0]
@@ -127,14 +127,23 @@ def test_clip_sample_matches_diffusers(sampler):
     assert_rel(run_ours(spec, cfg, 10), run_diffusers(spec, cfg, 10))
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun", "lms"])
-def test_euler_family_karras_sigmas_match_diffusers(sampler):
-    base = SAMPLERS[sampler]
-    spec = type(base)(base.id, base.name, base.fn, base.diffusers_class, "euler_karras",
-                      {"use_karras_sigmas": True})
-    for spacing in ("leading", "linspace"):
-        cfg = ScheduleConfig(timestep_spacing=spacing)
-        assert_rel(run_ours(spec, cfg, 10), run_diffusers(spec, cfg, 10))
+@pytest.mark.parametrize("schedule", ["karras", "exponential"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "lms", "dpmpp_2m", "unipc"])
+def test_schedule_types_match_diffusers(sampler, schedule):
+    spec = get_sampler(sampler, schedule)
+    for cfg in (ScheduleConfig(timestep_spacing="leading"), ScheduleConfig()):
+        for steps in (10, 25):
+            assert_rel(run_ours(spec, cfg, steps), run_diffusers(spec, cfg, steps), 1e-5)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_sd15_config_verbatim_matches_from_config(sampler):
+    """SD 1.5's own scheduler_config.json (no timestep_spacing), read as diffusers'
+    ``<Scheduler>.from_config(pipe.scheduler.config)`` reads it, for every sampler."""
+    spec = SAMPLERS[sampler]
+    cfg = ScheduleConfig.from_dict(SD15_SCHEDULER_CONFIG)
+    for steps in (8, 20):
+        assert_rel(run_ours(spec, cfg, steps), run_diffusers(spec, cfg, steps), 1e-5)
 
 
 # Left out (documented deviations, diffusers bugs not mirrored): PLMS, whose repeated-timestep
@@ -193,7 +202,7 @@ def gaussian_denoiser(x, sigma):
 
 DETERMINISTIC = [s for s, spec in SAMPLERS.items() if not spec.stochastic]
 MIN_ORDER = {"euler": (0.7, 1.5), "ddim": (0.7, 1.5), "heun": (1.5, 9), "dpmpp_2m": (1.5, 9),
-             "dpmpp_2m_karras": (1.5, 9), "unipc": (1.5, 9), "lms": (1.5, 9), "plms": (1.5, 9)}
+             "unipc": (1.5, 9), "lms": (1.5, 9), "plms": (1.5, 9)}
 
 
 @pytest.mark.parametrize("sampler", DETERMINISTIC)
@@ -247,14 +256,28 @@ def test_ddim_eta0_is_euler_on_the_same_sigmas():
 # ----------------------------------------------------------------------------- registry / callback
 def test_registry_names():
     names = {"ddim": "DDIM", "ddpm": "DDPM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a",
-             "heun": "Heun", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
-             "unipc": "UniPC"}
-    assert {k: v.name for k, v in SAMPLERS.items()} == names
-    for sid, name in names.items():
-        assert get_sampler(sid) is SAMPLERS[sid]
-        assert get_sampler(name) is SAMPLERS[sid]
-        assert get_sampler(name.upper()) is SAMPLERS[sid]
-        assert get_sampler(f"  {name.lower()} ") is SAMPLERS[sid]
+             "heun": "Heun", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC"}
+    assert {k: v.name for k, v in SAMPLERS.items() if k in names} == names
+    for sid, spec in SAMPLERS.items():
+        for key in (sid, spec.name, spec.name.upper(), f"  {spec.name.lower()} "):
+            assert get_sampler(key) == SAMPLERS[sid]
+
+
+def test_combined_names_resolve_to_sampler_and_schedule():
+    for name, sid, sched in [("DPM++ 2M Karras", "dpmpp_2m", "karras"), ("dpmpp_2m_karras", "dpmpp_2m", "karras"),
+                             ("LMS Karras", "lms", "karras"), ("Euler Exponential", "euler", "exponential"),
+                             ("euler_sgm_uniform", "euler", "sgm_uniform"), ("Heun SGM Uniform", "heun", "sgm_uniform")]:
+        spec = get_sampler(name)
+        assert (spec.id, spec.sigma_schedule) == (sid, sched), name
+    assert get_sampler("DPM++ 2M", "Karras") == get_sampler("DPM++ 2M Karras")
+    assert get_sampler("Euler", "automatic").sigma_schedule is None
+    assert get_sampler("DPM++ 2M Karras").reference_config == {"use_karras_sigmas": True}
+    with pytest.raises(ValueError, match="names schedule type 'karras' but 'exponential'"):
+        get_sampler("DPM++ 2M Karras", "exponential")
+    with pytest.raises(ValueError, match="unknown schedule type 'nope'"):
+        get_sampler("Euler", "nope")
+    with pytest.raises(ValueError, match="does not take schedule type 'karras'"):
+        get_sampler("DDIM Karras")
 
 
 def test_unknown_sampler_lists_valid_names():

@@ -8,7 +8,14 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from latentdiff.schedule import NoiseSchedule, ScheduleConfig, img2img_start  # noqa: E402
+from latentdiff.schedule import (  # noqa: E402
+    CLASS_DEFAULTS,
+    SD15_SCHEDULER_CONFIG as SD15_IN_PACKAGE,
+    NoiseSchedule,
+    ScheduleConfig,
+    class_defaults,
+    img2img_start,
+)
 
 SPACINGS = ["leading", "linspace", "trailing"]
 STEP_COUNTS = [1, 2, 3, 7, 10, 20, 25, 50, 999]
@@ -33,16 +40,44 @@ def make(cls, cfg, **extra):
 
 
 # ----------------------------------------------------------------------------- config
-def test_config_defaults_are_sd1():
+def test_config_defaults_are_sd15s_file():
     c = ScheduleConfig()
+    assert SD15_IN_PACKAGE == SD15_SCHEDULER_CONFIG
     assert (c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule) == (1000, 0.00085, 0.012, "scaled_linear")
-    assert (c.timestep_spacing, c.steps_offset, c.prediction_type) == ("leading", 1, "epsilon")
+    assert (c.timestep_spacing, c.steps_offset, c.prediction_type) == (None, 1, None)
     assert not c.clip_sample and not c.set_alpha_to_one
+    assert c.resolve("DDIMScheduler").timestep_spacing == "leading"
+    assert c.resolve("EulerDiscreteScheduler").timestep_spacing == "linspace"
+    assert c.resolve("EulerDiscreteScheduler").prediction_type == "epsilon"
+
+
+@pytest.mark.parametrize("cls", sorted(CLASS_DEFAULTS))
+def test_class_defaults_are_diffusers_constructor_defaults(cls):
+    """An absent key means what diffusers' <cls>.from_config makes of it."""
+    ours = class_defaults(cls)
+    theirs = getattr(diffusers, cls).from_config({}).config
+    for key, value in ours.items():
+        if key in theirs:
+            assert theirs[key] == value, (cls, key, theirs[key], value)
+
+
+@pytest.mark.parametrize("cls", sorted(CLASS_DEFAULTS))
+def test_absent_keys_resolve_like_from_config(cls):
+    """SD 1.5's own file (no timestep_spacing) and an empty file, resolved for a class, give the
+    values diffusers' from_config gives that class."""
+    for config in (SD15_SCHEDULER_CONFIG, {}):
+        ours = ScheduleConfig.from_dict(config).resolve(cls)
+        theirs = getattr(diffusers, cls).from_config(config).config
+        for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "timestep_spacing",
+                    "steps_offset", "prediction_type", "clip_sample", "set_alpha_to_one", "skip_prk_steps"):
+            if key in theirs:
+                assert getattr(ours, key) == theirs[key], (cls, key)
 
 
 def test_config_from_dict_ignores_unknown_keys_and_roundtrips():
     c = ScheduleConfig.from_dict(SD15_SCHEDULER_CONFIG)
     assert c == ScheduleConfig()
+    assert "timestep_spacing" not in c.to_dict()  # absent stays absent
     c2 = ScheduleConfig.from_dict({**c.to_dict(), "prediction_type": "v_prediction", "timestep_spacing": "trailing"})
     assert c2.prediction_type == "v_prediction" and c2.timestep_spacing == "trailing"
     assert ScheduleConfig.from_dict(c2.to_dict("EulerDiscreteScheduler")) == c2
@@ -59,10 +94,17 @@ def test_to_dict_accepted_by_diffusers(cls):
         assert s.config[k] == getattr(cfg, k), k
 
 
-@pytest.mark.parametrize("bad", [{"timestep_spacing": "nope"}, {"beta_schedule": "nope"}, {"prediction_type": "x"}])
-def test_config_rejects_bad_values(bad):
-    with pytest.raises(ValueError):
-        ScheduleConfig(**bad)
+@pytest.mark.parametrize(("bad", "field"), [
+    ({"timestep_spacing": "nope"}, "timestep_spacing"), ({"beta_schedule": "nope"}, "beta_schedule"),
+    ({"prediction_type": "x"}, "prediction_type"), ({"num_train_timesteps": 0}, "num_train_timesteps"),
+    ({"num_train_timesteps": "1000"}, "num_train_timesteps"), ({"beta_start": "abc"}, "beta_start"),
+    ({"beta_end": float("nan")}, "beta_end"), ({"steps_offset": -1}, "steps_offset"),
+    ({"clip_sample": "yes"}, "clip_sample"), ({"num_train_timesteps": True}, "num_train_timesteps"),
+    ({"trained_betas": [0.1, "x"]}, "trained_betas"),
+])
+def test_config_rejects_bad_values_naming_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        ScheduleConfig.from_dict(bad)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -114,27 +156,39 @@ def _close(a, b, rtol=1e-6):
 def test_k_plans_match_diffusers_sigmas(spacing, n):
     cfg = ScheduleConfig(timestep_spacing=spacing)
     ns = NoiseSchedule(cfg)
-    for kind, cls, extra in [
-        ("euler", "EulerDiscreteScheduler", {}),
-        ("euler", "EulerAncestralDiscreteScheduler", {}),
-        ("euler", "LMSDiscreteScheduler", {}),
-        ("euler_karras", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-        ("dpm", "DPMSolverMultistepScheduler", {}),
-        ("dpm", "UniPCMultistepScheduler", {}),
-        ("dpm_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    karras, exponential = {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}
+    for kind, cls, extra, sched in [
+        ("euler", "EulerDiscreteScheduler", {}, None),
+        ("euler", "EulerAncestralDiscreteScheduler", {}, None),
+        ("euler", "LMSDiscreteScheduler", {}, None),
+        ("euler", "EulerDiscreteScheduler", karras, "karras"),
+        ("euler", "LMSDiscreteScheduler", karras, "karras"),
+        ("euler", "EulerDiscreteScheduler", exponential, "exponential"),
+        ("euler", "HeunDiscreteScheduler", exponential, "exponential"),
+        ("dpm", "DPMSolverMultistepScheduler", {}, None),
+        ("dpm", "UniPCMultistepScheduler", {}, None),
+        ("dpm", "DPMSolverMultistepScheduler", karras, "karras"),
+        ("dpm", "UniPCMultistepScheduler", karras, "karras"),
+        ("dpm", "DPMSolverMultistepScheduler", exponential, "exponential"),
     ]:
+        if n == 1 and sched is not None:
+            continue  # one Karras / exponential sigma is a 0/0 in diffusers
         ref = make(cls, cfg, **extra)
         ref.set_timesteps(n)
-        plan = ns.plan(kind, n)
+        if cls == "HeunDiscreteScheduler":  # Heun lists each inner sigma twice
+            ref_sigmas = torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2], ref.sigmas[-1:]])
+            _close(ns.plan(kind, n, sigma_schedule=sched).sigmas, ref_sigmas)
+            continue
+        plan = ns.plan(kind, n, sigma_schedule=sched)
         assert plan.sigmas.dtype == torch.float32
         _close(plan.sigmas, ref.sigmas)
         init = float(ref.init_noise_sigma)
         if kind.startswith("dpm"):  # VP scheduler: unit noise in VP space
             init = math.sqrt(1 + float(plan.sigmas[0]) ** 2)
         assert plan.init_noise_sigma == pytest.approx(init, rel=1e-6)
-        # the timesteps the model gets from sigma_to_t
-        t = ns.sigma_to_t(plan.sigmas[:-1], quantize=plan.discrete_timesteps)
-        assert torch.allclose(t, ref.timesteps.float(), atol=2e-3), (kind, t, ref.timesteps)
+        # the timesteps the model gets: exactly diffusers'
+        t = torch.tensor([plan.timesteps[float(s)] for s in plan.sigmas[:-1]])
+        assert torch.equal(t, ref.timesteps.float()), (kind, cls, sched, t, ref.timesteps)
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
@@ -189,10 +243,11 @@ def test_to_vp():
 
 
 # ----------------------------------------------------------------------------- sigma <-> t
-def test_sigma_to_t_exact_at_training_sigmas():
+def test_sigma_to_t_at_training_sigmas():
     ns = NoiseSchedule()
     t = ns.sigma_to_t(ns.sigmas)
-    assert torch.equal(t, torch.arange(1000, dtype=torch.float32))
+    assert (t - torch.arange(1000)).abs().max() < 1e-3
+    assert torch.equal(ns.sigma_to_t(ns.sigmas, quantize=True), torch.arange(1000, dtype=torch.float32))
     assert torch.equal(ns.t_to_sigma(torch.arange(1000)), ns.sigmas)
 
 
@@ -201,9 +256,9 @@ def test_sigma_to_t_matches_diffusers_and_clips():
     ref = make("EulerDiscreteScheduler", ScheduleConfig())
     log_sigmas = np.log(ns.sigmas.numpy())
     sig = ns.karras_sigmas(37).numpy()
-    ours = ns.sigma_to_t(torch.from_numpy(sig)).numpy()
+    ours = ns.sigma_to_t(torch.from_numpy(sig), dtype=torch.float64).numpy()
     theirs = np.array([ref._sigma_to_t(s, log_sigmas) for s in sig])
-    assert np.allclose(ours, theirs, atol=1e-3)
+    assert np.array_equal(ours, theirs)  # to the bit
     assert float(ns.sigma_to_t(1e-6)) == 0.0 and float(ns.sigma_to_t(1e6)) == 999.0
     # fractional t: t_to_sigma (linear in sigma) and sigma_to_t (linear in log-sigma) nearly invert
     t = torch.tensor([957.375, 500.5, 41.625, 3.25])
@@ -225,16 +280,15 @@ def test_img2img_tail_matches_diffusers_get_timesteps(steps, strength):
     init_timestep = min(int(steps * strength), steps)
     t_start = max(steps - init_timestep, 0)
     assert img2img_start(steps, strength) == t_start
-    ns = NoiseSchedule()
     for kind, cls in [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler"),
                       ("dpm", "DPMSolverMultistepScheduler")]:
+        ns = NoiseSchedule(ScheduleConfig(), cls)
         ref = make(cls, ScheduleConfig())
         ref.set_timesteps(steps)
         ts = ref.timesteps[t_start * ref.order:]
         plan = ns.plan(kind, steps, strength=strength)
         assert plan.steps == len(ts) == init_timestep
-        assert torch.allclose(ns.sigma_to_t(plan.sigmas[:-1], quantize=plan.discrete_timesteps),
-                              ts.float(), atol=1e-3)
+        assert torch.equal(torch.tensor([plan.timesteps[float(s)] for s in plan.sigmas[:-1]]), ts.float())
         assert plan.init_noise_sigma == float(plan.sigmas[0])
 
 

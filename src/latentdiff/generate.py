@@ -42,7 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from .samplers import SamplerSpec, get_sampler, vp_denoiser
-from .schedule import NoiseSchedule, SigmaPlan
+from .schedule import SigmaPlan
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -259,8 +259,8 @@ def denoise(
     mask are replaced by the original image's latents noised to the level just
     reached, with the start noise (clean after the last step), as diffusers does.
     """
-    schedule = NoiseSchedule(pipe.schedule)
-    denoiser = vp_denoiser(model, schedule, discrete_timesteps=plan.discrete_timesteps)
+    schedule = settings.sampler.schedule(pipe.schedule)
+    denoiser = vp_denoiser(model, schedule, discrete_timesteps=plan.discrete_timesteps, timesteps=plan.timesteps)
     options = dict(plan.options)
     if settings.sampler.id == "ddim":
         options["eta"] = settings.eta
@@ -328,7 +328,7 @@ def txt2img(pipe: Pipeline, settings: Settings, callback: StepCallback | None = 
     generators = generators_for(settings)
     conditioning = encode_prompts(pipe, settings)
     h, w = settings.height // pipe.vae_factor, settings.width // pipe.vae_factor
-    plan = settings.sampler.plan(NoiseSchedule(pipe.schedule), settings.steps)
+    plan = settings.sampler.plan(settings.sampler.schedule(pipe.schedule), settings.steps)
     noise = draw_noise((settings.batch, pipe.vae.config.latent_channels, h, w), generators)
     x = noise.to(pipe.device, pipe.dtype) * plan.init_noise_sigma
     model = guided_model(pipe, conditioning, settings.guidance_scale)
@@ -343,7 +343,7 @@ def start_from_image(pipe: Pipeline, plan: SigmaPlan, image_latents: Tensor, gen
 
 
 def plan_for(pipe: Pipeline, settings: Settings, strength: float | None) -> SigmaPlan:
-    plan = settings.sampler.plan(NoiseSchedule(pipe.schedule), settings.steps, strength=strength)
+    plan = settings.sampler.plan(settings.sampler.schedule(pipe.schedule), settings.steps, strength=strength)
     if plan.steps < 1:
         raise ValueError(f"strength {strength} with {settings.steps} steps leaves no step to run")
     return plan

@@ -35,6 +35,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,6 +44,11 @@ __all__ = [
     "NoiseSchedule",
     "SigmaPlan",
     "PLAN_KINDS",
+    "SIGMA_SCHEDULES",
+    "check_sigma_schedule",
+    "SD15_SCHEDULER_CONFIG",
+    "CLASS_DEFAULTS",
+    "class_defaults",
     "img2img_start",
 ]
 
@@ -52,40 +58,113 @@ _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 # ----------------------------------------------------------------------------- config
+#: Stable Diffusion 1.5's own ``scheduler/scheduler_config.json``, verbatim.  It names no
+#: ``timestep_spacing``, so each sampler uses its diffusers class' default spacing.
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "clip_sample": False,
+}
+
+# diffusers' constructor defaults, taken by a key a config leaves out: what most scheduler
+# classes share, then each class' own differences (checked against diffusers in the tests).
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "timestep_spacing": "linspace", "steps_offset": 0, "prediction_type": "epsilon",
+    "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": False, "skip_prk_steps": False,
+}
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDIMScheduler": {"timestep_spacing": "leading", "clip_sample": True, "set_alpha_to_one": True},
+    "DDPMScheduler": {"timestep_spacing": "leading", "clip_sample": True},
+    "PNDMScheduler": {"timestep_spacing": "leading"},
+    "EulerDiscreteScheduler": {},
+    "EulerAncestralDiscreteScheduler": {},
+    "HeunDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
+    "LMSDiscreteScheduler": {},
+    "DPMSolverMultistepScheduler": {},
+    "UniPCMultistepScheduler": {},
+    "KDPM2DiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
+    "KDPM2AncestralDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
+    "DEISMultistepScheduler": {},
+    "DPMSolverSDEScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
+}
+#: The class whose defaults a schedule takes when none is named: training's forward process.
+TRAINING_CLASS = "DDPMScheduler"
+
+
+def class_defaults(class_name: str) -> dict[str, Any]:
+    """diffusers' defaults for the schedule keys of scheduler class ``class_name``."""
+    if class_name not in CLASS_DEFAULTS:
+        raise ValueError(f"no schedule defaults for scheduler class {class_name!r}; known: {sorted(CLASS_DEFAULTS)}")
+    return {**_COMMON_DEFAULTS, **CLASS_DEFAULTS[class_name]}
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "num_train_timesteps": (int,), "beta_start": (int, float), "beta_end": (int, float), "beta_schedule": (str,),
+    "timestep_spacing": (str,), "steps_offset": (int,), "prediction_type": (str,), "clip_sample": (bool,),
+    "clip_sample_range": (int, float), "set_alpha_to_one": (bool,), "skip_prk_steps": (bool,),
+}
+
+
 @dataclass
 class ScheduleConfig:
     """The training noise schedule and the inference conventions of a checkpoint.
 
-    Read from a diffusers ``scheduler_config.json`` with :meth:`from_dict`; the defaults are
-    Stable Diffusion 1.x's (scaled_linear 0.00085..0.012 over 1000 steps, "leading" spacing
-    with ``steps_offset=1``, epsilon prediction, no clipping, ``set_alpha_to_one=False``).
-
-    Note: SD 1.x's own ``scheduler_config.json`` names no ``timestep_spacing``; diffusers
-    then uses each scheduler class' default ("leading" for DDIM/DDPM/PNDM, "linspace" for
-    Euler/Heun/LMS/DPM-Solver/UniPC).  This config defaults to "leading" for every sampler
-    (one convention for the whole package); pass ``timestep_spacing`` explicitly to change it.
+    Read from a diffusers ``scheduler_config.json`` with :meth:`from_dict`.  A field that is
+    ``None`` was absent from the file and means what diffusers makes of an absent key: the
+    default of the scheduler class that samples (:meth:`resolve`; e.g. "leading" spacing for
+    DDIM/DDPM/PLMS, "linspace" for Euler, Heun, LMS, DPM-Solver, UniPC).  The defaults of
+    ``ScheduleConfig()`` are SD 1.5's own file (:data:`SD15_SCHEDULER_CONFIG`), which names no
+    spacing.  Values of the wrong type or out of their domain raise ``ValueError`` naming the field.
     """
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
+    num_train_timesteps: int | None = 1000
+    beta_start: float | None = 0.00085
+    beta_end: float | None = 0.012
+    beta_schedule: str | None = "scaled_linear"
     trained_betas: list[float] | None = None
-    timestep_spacing: str = "leading"
-    steps_offset: int = 1
-    prediction_type: str = "epsilon"
-    clip_sample: bool = False
-    clip_sample_range: float = 1.0
-    set_alpha_to_one: bool = False
-    skip_prk_steps: bool = True
+    timestep_spacing: str | None = None
+    steps_offset: int | None = 1
+    prediction_type: str | None = None
+    clip_sample: bool | None = False
+    clip_sample_range: float | None = None
+    set_alpha_to_one: bool | None = False
+    skip_prk_steps: bool | None = True
 
     def __post_init__(self) -> None:
-        if self.beta_schedule not in _BETA_SCHEDULES and self.trained_betas is None:
-            raise ValueError(f"beta_schedule must be one of {_BETA_SCHEDULES}, got {self.beta_schedule!r}")
-        if self.timestep_spacing not in _SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {_SPACINGS}, got {self.timestep_spacing!r}")
-        if self.prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {self.prediction_type!r}")
+        for name, types in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                expected = " or ".join(t.__name__ for t in types)
+                raise ValueError(f"scheduler config: {name} must be {expected}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"scheduler config: {name} must be finite, got {value!r}")
+        choices = {"beta_schedule": _BETA_SCHEDULES, "timestep_spacing": _SPACINGS,
+                   "prediction_type": _PREDICTION_TYPES}
+        for name, valid in choices.items():
+            value = getattr(self, name)
+            if value is not None and value not in valid and not (name == "beta_schedule" and self.trained_betas):
+                raise ValueError(f"scheduler config: {name} must be one of {valid}, got {value!r}")
+        if self.num_train_timesteps is not None and not 2 <= self.num_train_timesteps <= 100_000:
+            raise ValueError(f"scheduler config: num_train_timesteps must be in [2, 100000], "
+                             f"got {self.num_train_timesteps}")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"scheduler config: {name} must be in (0, 1), got {value}")
+        if self.steps_offset is not None and not 0 <= self.steps_offset < (self.num_train_timesteps or 1000):
+            raise ValueError(f"scheduler config: steps_offset must be in [0, num_train_timesteps), got {self.steps_offset}")
+        if self.clip_sample_range is not None and not self.clip_sample_range > 0:
+            raise ValueError(f"scheduler config: clip_sample_range must be > 0, got {self.clip_sample_range}")
+        if self.trained_betas is not None:
+            betas = self.trained_betas
+            if (not isinstance(betas, (list, tuple)) or len(betas) < 2
+                    or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 < b < 1.0 for b in betas)):
+                raise ValueError("scheduler config: trained_betas must be a list of at least 2 numbers in (0, 1)")
+            self.trained_betas = [float(b) for b in betas]
 
     @classmethod
     def sd15(cls) -> "ScheduleConfig":
@@ -93,21 +172,25 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ScheduleConfig":
-        """Build from a diffusers scheduler config dict; unknown keys (``_class_name``,
+        """Build from a diffusers scheduler config dict.  Keys it lacks (or sets to null) stay
+        ``None`` (the sampling class' default); unknown keys (``_class_name``,
         ``_diffusers_version``, scheduler-specific options) are ignored."""
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
-        if "trained_betas" in kwargs:
-            kwargs["trained_betas"] = [float(b) for b in kwargs["trained_betas"]]
-        return cls(**kwargs)
+        if not isinstance(d, dict):
+            raise ValueError(f"scheduler config must be a JSON object, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        return cls(**{name: d.get(name) for name in names})
+
+    def resolve(self, class_name: str = TRAINING_CLASS) -> "ScheduleConfig":
+        """Every absent field filled with diffusers' default for scheduler class ``class_name``."""
+        defaults = class_defaults(class_name)
+        return ScheduleConfig(**{f.name: defaults[f.name] if getattr(self, f.name) is None and f.name != "trained_betas"
+                                 else getattr(self, f.name) for f in fields(self)})
 
     def to_dict(self, class_name: str = "DDIMScheduler") -> dict[str, Any]:
-        """A dict that diffusers' ``<class_name>.from_config`` accepts (keys a given class
-        does not know are ignored by diffusers)."""
-        d = {"_class_name": class_name}
-        d.update(asdict(self))
-        if d["trained_betas"] is None:
-            del d["trained_betas"]
+        """A dict that diffusers' ``<class_name>.from_config`` accepts, with the fields that are set
+        (so an absent key stays absent; keys a given class does not know are ignored by diffusers)."""
+        d: dict[str, Any] = {"_class_name": class_name}
+        d.update({k: v for k, v in asdict(self).items() if v is not None})
         return d
 
 
@@ -132,6 +215,12 @@ class SigmaPlan:
         options: extra keyword arguments for the sampler (``sigmas_prev``/``sigma_restart``,
             see :func:`latentdiff.samplers.sample_ddim` and ``sample_plms``).
         kind: the plan kind it was built with.
+        timesteps: ``{sigma: t}``, the model timestep diffusers feeds at each sigma it lists
+            (keys are the float32 sigmas as Python floats, values float32-exact timesteps,
+            computed as diffusers does: from float64 sigmas, rounded or truncated where it
+            does).  A sigma not listed (a sampler's intermediate point) falls back to
+            ``sigma_to_t``.  Without the table, timesteps recomputed from float32 sigmas are off
+            by up to ~3e-3, which moves the UNet's time embedding visibly in the latents.
     """
 
     sigmas: Tensor
@@ -139,6 +228,7 @@ class SigmaPlan:
     discrete_timesteps: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     kind: str = ""
+    timesteps: dict[float, float] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -160,7 +250,7 @@ class SigmaPlan:
             # PLMS restarts its warm-up at the new first step: from sigmas[start] itself.
             opts.pop("sigma_restart")
         sig = self.sigmas[start:]
-        return SigmaPlan(sig, float(sig[0]), self.discrete_timesteps, opts, self.kind)
+        return SigmaPlan(sig, float(sig[0]), self.discrete_timesteps, opts, self.kind, dict(self.timesteps))
 
 
 # Plan kinds: which diffusers scheduler's set_timesteps() each mirrors.
@@ -169,10 +259,27 @@ PLAN_KINDS = {
     "ddpm": "DDPMScheduler",
     "pndm": "PNDMScheduler (skip_prk_steps=True, i.e. PLMS)",
     "euler": "EulerDiscreteScheduler / EulerAncestralDiscreteScheduler / HeunDiscreteScheduler / LMSDiscreteScheduler",
-    "euler_karras": "EulerDiscreteScheduler(use_karras_sigmas=True) (also Heun/LMS)",
     "dpm": "DPMSolverMultistepScheduler / UniPCMultistepScheduler",
-    "dpm_karras": "DPMSolverMultistepScheduler(use_karras_sigmas=True) / UniPC(use_karras_sigmas=True)",
 }
+
+#: A1111's schedule types for the k-samplers (id -> display name).  ``None`` is each sampler's own
+#: default (the spaced training sigmas).  "karras" and "exponential" are diffusers'
+#: ``use_karras_sigmas`` / ``use_exponential_sigmas``; "sgm_uniform" is A1111's: timesteps evenly
+#: spaced from sigma_max's to sigma_min's, read back through k-diffusion's log-sigma interpolation.
+SIGMA_SCHEDULES: dict[str, str] = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform"}
+
+
+def check_sigma_schedule(name: str | None) -> str | None:
+    """Normalise a schedule type (id or display name, any case); None and "default"/"automatic" mean None."""
+    if name is None:
+        return None
+    key = str(name).strip().lower().replace(" ", "_")
+    if key in ("", "default", "automatic"):
+        return None
+    if key in SIGMA_SCHEDULES:
+        return key
+    valid = ", ".join(repr(k) for k in SIGMA_SCHEDULES)
+    raise ValueError(f"unknown schedule type {name!r}; valid: {valid} (or 'automatic')")
 
 
 def img2img_start(steps: int, strength: float) -> int:
@@ -198,12 +305,19 @@ class NoiseSchedule:
 
     Attributes (all CPU tensors): ``betas``, ``alphas``, ``alphas_cumprod`` (float32, exactly
     as diffusers computes them), ``sigmas`` (float32 training sigmas, index = timestep,
-    increasing), ``log_sigmas`` (float64 log of those).
+    increasing), ``log_sigmas`` (their float32 logs, as float64).
+
+    ``config`` is resolved for scheduler class ``class_name`` (:meth:`ScheduleConfig.resolve`):
+    the sampler's class at inference, DDPM's (the forward process) in training.
     """
 
-    def __init__(self, config: ScheduleConfig | None = None) -> None:
-        self.config = config = config or ScheduleConfig()
+    def __init__(self, config: ScheduleConfig | None = None, class_name: str = TRAINING_CLASS) -> None:
+        self.config = config = (config or ScheduleConfig()).resolve(class_name)
+        self.class_name = class_name
         n = config.num_train_timesteps
+        if config.trained_betas is not None and len(config.trained_betas) != n:
+            raise ValueError(f"scheduler config: trained_betas has {len(config.trained_betas)} values "
+                             f"for num_train_timesteps={n}")
         if config.trained_betas is not None:
             betas = torch.tensor(config.trained_betas, dtype=torch.float32)
         elif config.beta_schedule == "linear":
@@ -216,7 +330,9 @@ class NoiseSchedule:
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        self.log_sigmas = self.sigmas.double().log()
+        # float32 logs, held in float64: diffusers takes np.log of its float32 sigmas (numpy's float32
+        # log can differ from torch's by an ulp, so numpy's is used)
+        self.log_sigmas = torch.from_numpy(np.log(self.sigmas.numpy())).double()
         # DDIM/PNDM: the "previous" alphas_cumprod of the last step.
         self.final_alpha_cumprod = 1.0 if config.set_alpha_to_one else float(self.alphas_cumprod[0])
 
@@ -233,10 +349,12 @@ class NoiseSchedule:
         return float(self.sigmas[-1])
 
     # -- sigma <-> t -----------------------------------------------------------------
-    def sigma_to_t(self, sigma: Tensor | float, *, quantize: bool = False) -> Tensor:
+    def sigma_to_t(self, sigma: Tensor | float, *, quantize: bool = False,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
         """Timestep for a sigma by linear interpolation in log-sigma between neighbouring
-        training sigmas (diffusers' ``_sigma_to_t``), clipped to [0, T-1].  Exact (an integer)
-        at training sigmas.  Returns float32 on the input's device; ``quantize`` rounds
+        training sigmas (diffusers' ``_sigma_to_t``, to the bit: float64 log of the input, the
+        float32 log table), clipped to [0, T-1].  Within ~1e-5 of an integer at training sigmas
+        (exact once ``quantize``d).  Returns ``dtype`` on the input's device; ``quantize`` rounds
         half-to-even as diffusers' ``.round()`` does."""
         sigma = torch.as_tensor(sigma)
         device = sigma.device
@@ -245,11 +363,12 @@ class NoiseSchedule:
         low = (torch.searchsorted(ls, log_sigma.reshape(-1), right=True) - 1).clamp(0, len(ls) - 2)
         low = low.reshape(log_sigma.shape)
         lo, hi = ls[low], ls[low + 1]
-        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        # float64 numerator over a float32 denominator: numpy's promotion in diffusers' _sigma_to_t
+        w = ((lo - log_sigma) / (lo.float() - hi.float()).double()).clamp(0, 1)
         t = (1 - w) * low + w * (low + 1)
         if quantize:
             t = t.round()
-        return t.to(device=device, dtype=torch.float32)
+        return t.to(device=device, dtype=dtype)
 
     def t_to_sigma(self, t: Tensor | float) -> Tensor:
         """Sigma at a (possibly fractional) timestep: linear interpolation of the training
@@ -322,7 +441,7 @@ class NoiseSchedule:
         Defaults span the training sigmas (sigma(t=0)..sigma(t=T-1)) as diffusers'
         DPM-Solver/UniPC ``use_karras_sigmas`` (and k-diffusion/A1111) do.  diffusers' Euler/
         Heun/LMS ``use_karras_sigmas`` instead span the sigmas of their first and last
-        inference timesteps; :meth:`plan` with kind "euler_karras" does that.
+        inference timesteps; :meth:`plan` with kind "euler" and ``sigma_schedule="karras"`` does that.
         """
         lo = self.sigma_min if sigma_min is None else float(sigma_min)
         hi = self.sigma_max if sigma_max is None else float(sigma_max)
@@ -331,27 +450,35 @@ class NoiseSchedule:
         return (max_inv + ramp * (min_inv - max_inv)) ** rho
 
     # -- plans -----------------------------------------------------------------------
-    def plan(self, kind: str, steps: int, *, strength: float | None = None) -> SigmaPlan:
+    def plan(self, kind: str, steps: int, *, strength: float | None = None,
+             sigma_schedule: str | None = None) -> SigmaPlan:
         """Sigma plan mirroring ``<diffusers scheduler>.set_timesteps(steps)`` (see
-        :data:`PLAN_KINDS`).
+        :data:`PLAN_KINDS`); ``sigma_schedule`` (:data:`SIGMA_SCHEDULES`) replaces the spaced
+        sigmas as diffusers' ``use_karras_sigmas`` / ``use_exponential_sigmas`` do for that class.
 
         With ``strength`` (img2img/inpainting), the plan is cut to the tail that diffusers runs
         (:func:`img2img_start`) and ``init_noise_sigma`` is ``sigmas[0]``: the starting sample
         is ``x0 + plan.sigmas[0] * noise``, which is what diffusers' ``add_noise`` gives in
         every scheduler, in sigma space."""
+        sigma_schedule = check_sigma_schedule(sigma_schedule)
+        if kind not in PLAN_KINDS:
+            raise ValueError(f"unknown plan kind {kind!r}; valid: {sorted(PLAN_KINDS)}")
+        if sigma_schedule is not None and kind in ("ddim", "ddpm", "pndm"):
+            raise ValueError(f"schedule type {sigma_schedule!r} does not apply to the {PLAN_KINDS[kind]} sampler")
         if kind == "ddim":
             plan = self._plan_ddim(steps)
         elif kind == "ddpm":
             plan = self._plan_ddpm(steps)
         elif kind == "pndm":
             plan = self._plan_pndm(steps)
-        elif kind in ("euler", "euler_karras"):
-            plan = self._plan_euler(steps, karras=kind == "euler_karras")
-        elif kind in ("dpm", "dpm_karras"):
-            plan = self._plan_dpm(steps, karras=kind == "dpm_karras")
+        elif kind == "euler":
+            plan = self._plan_euler(steps, sigma_schedule)
         else:
-            raise ValueError(f"unknown plan kind {kind!r}; valid: {sorted(PLAN_KINDS)}")
+            plan = self._plan_dpm(steps, sigma_schedule)
         plan.kind = kind
+        if not plan.timesteps:  # integer timesteps at training sigmas: exact by lookup
+            t = self.sigma_to_t(plan.sigmas[:-1], quantize=plan.discrete_timesteps)
+            plan.timesteps = _timestep_table(plan.sigmas[:-1], t)
         if strength is not None:
             start = img2img_start(steps, strength)
             if start >= steps:
@@ -418,27 +545,68 @@ class NoiseSchedule:
             return sigma0
         return math.sqrt(sigma0 * sigma0 + 1.0)
 
-    def _plan_euler(self, steps: int, karras: bool) -> SigmaPlan:
+    def exponential_sigmas(self, steps: int, sigma_min: float | None = None,
+                           sigma_max: float | None = None) -> Tensor:
+        """``steps`` sigmas evenly spaced in log sigma, decreasing, float64 (diffusers'
+        ``use_exponential_sigmas``; same default span as :meth:`karras_sigmas`)."""
+        lo = self.sigma_min if sigma_min is None else float(sigma_min)
+        hi = self.sigma_max if sigma_max is None else float(sigma_max)
+        return _np_linspace(math.log(hi), math.log(lo), steps).exp()
+
+    def sgm_uniform_sigmas(self, steps: int) -> Tensor:
+        """A1111's "SGM Uniform": ``steps`` timesteps evenly spaced from t(sigma_max) to
+        t(sigma_min) with the last point dropped (``linspace(start, end, steps + 1)[:-1]``),
+        each read back as a sigma by k-diffusion's interpolation in log sigma; float64."""
+        start = float(self.sigma_to_t(self.sigma_max))
+        end = float(self.sigma_to_t(self.sigma_min))
+        ts = torch.linspace(start, end, steps + 1)[:-1].double()  # float32 linspace, as torch's default
+        ls = self.log_sigmas
+        low = ts.floor().long().clamp(max=len(ls) - 2)
+        w = ts - low
+        return ((1 - w) * ls[low] + w * ls[low + 1]).exp()
+
+    def _scheduled_sigmas(self, steps: int, sigma_schedule: str, lo: float | None = None,
+                          hi: float | None = None) -> Tensor:
+        """The sigmas of a schedule type spanning [lo, hi] (default: the training sigmas)."""
+        if sigma_schedule == "karras":
+            return self.karras_sigmas(steps, lo, hi)
+        if sigma_schedule == "exponential":
+            return self.exponential_sigmas(steps, lo, hi)
+        return self.sgm_uniform_sigmas(steps)
+
+    def _plan_euler(self, steps: int, sigma_schedule: str | None) -> SigmaPlan:
         """Euler/Euler a/Heun/LMS (k-diffusion-style discrete schedulers): sigmas interpolated
         at float timesteps, a final 0.  Heun's doubled list in diffusers is the same sigmas
-        with two model calls per step."""
+        with two model calls per step.  Karras / exponential sigmas span the sigmas of the first
+        and last spaced timesteps (diffusers' Euler family)."""
         ts = self.timesteps(steps, "continuous")
         sig = self._sigmas_at(ts)
-        if karras:
-            sig = self.karras_sigmas(steps, float(sig[-1]), float(sig[0]))
+        if sigma_schedule is not None:
+            sig = self._scheduled_sigmas(steps, sigma_schedule, float(sig[-1]), float(sig[0]))
+            ts = self.sigma_to_t(sig, dtype=torch.float64)  # from the float64 sigmas, as diffusers does
         sig = torch.cat([sig.float(), torch.zeros(1)])
-        return SigmaPlan(sig, self._euler_init(float(sig[0])), False, {})
+        return SigmaPlan(sig, self._euler_init(float(sig[0])), False, {}, timesteps=_timestep_table(sig[:-1], ts))
 
-    def _plan_dpm(self, steps: int, karras: bool) -> SigmaPlan:
+    def _plan_dpm(self, steps: int, sigma_schedule: str | None) -> SigmaPlan:
         """DPM-Solver(++) multistep / UniPC: ``steps + 1``-point spacing, final sigma 0
-        (``final_sigmas_type="zero"``); Karras sigmas span the training sigmas and the model
-        gets the rounded timesteps."""
-        if karras:
-            sig = self.karras_sigmas(steps)
+        (``final_sigmas_type="zero"``); Karras / exponential sigmas span the training sigmas and
+        the model gets the rounded timesteps."""
+        if sigma_schedule is not None:
+            sig = self._scheduled_sigmas(steps, sigma_schedule)
+            t64 = self.sigma_to_t(sig, dtype=torch.float64)
+            # diffusers rounds Karras timesteps and truncates exponential ones (its int64 cast)
+            ts = t64.round() if sigma_schedule == "karras" else t64.trunc()
         else:
-            sig = self._sigmas_at(self.timesteps(steps, "multistep"))
+            ts = self.timesteps(steps, "multistep")
+            sig = self._sigmas_at(ts)
         sig = torch.cat([sig.float(), torch.zeros(1)])
-        return SigmaPlan(sig, self._vp_init(float(sig[0])), True, {})
+        return SigmaPlan(sig, self._vp_init(float(sig[0])), True, {}, timesteps=_timestep_table(sig[:-1], ts))
+
+
+def _timestep_table(sigmas: Tensor, timesteps: Tensor) -> dict[float, float]:
+    """``{float32 sigma: float32 timestep}`` for a plan's model-evaluated sigmas."""
+    ts = torch.as_tensor(timesteps).float().tolist()
+    return {float(s): t for s, t in zip(sigmas.float().tolist(), ts)}
 
 
 def _trailing(T: int, steps: int) -> Tensor:

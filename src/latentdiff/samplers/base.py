@@ -73,24 +73,32 @@ def _reinterpret(x: Tensor, sigma_from: Tensor | float, sigma_to: Tensor | float
 
 
 def vp_denoiser(model: Callable[..., Tensor], schedule: NoiseSchedule, *,
-                prediction_type: str | None = None, discrete_timesteps: bool = False) -> Callable[..., Tensor]:
+                prediction_type: str | None = None, discrete_timesteps: bool = False,
+                timesteps: dict[float, float] | None = None) -> Callable[..., Tensor]:
     """Wrap a VP model ``model(x_vp, t, **kw) -> eps | v`` as a sigma-space denoiser
     ``denoise(x, sigma, **kw) -> x0``: input scaled by ``c_in = 1/sqrt(sigma^2+1)``, timestep
-    ``schedule.sigma_to_t(sigma)`` (rounded when ``discrete_timesteps``, see
-    :attr:`SigmaPlan.discrete_timesteps`).  ``t`` is passed as a float32 tensor of shape
-    ``sigma.shape``.  Classifier-free guidance belongs in ``model``."""
+    ``timesteps[sigma]`` when the plan lists that sigma (:attr:`SigmaPlan.timesteps`), else
+    ``schedule.sigma_to_t(sigma)`` (rounded when ``discrete_timesteps``).  ``t`` is passed as a
+    float32 tensor of shape ``sigma.shape``.  Classifier-free guidance belongs in ``model``.
+    The returned x0 has the dtype of ``x`` whatever the model computes in."""
     pred = prediction_type or schedule.config.prediction_type
     if pred not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {pred!r}")
+    table = dict(timesteps or {})
+
+    def timestep(sigma: Tensor) -> Tensor:
+        if sigma.ndim == 0 and float(sigma) in table:
+            return torch.tensor(table[float(sigma)], dtype=torch.float32)
+        return schedule.sigma_to_t(sigma, quantize=discrete_timesteps)
 
     def denoise(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
-        t = schedule.sigma_to_t(sigma, quantize=discrete_timesteps)
+        t = timestep(sigma)
         s = sigma.to(x.device)
         if s.ndim:
             s = s.reshape(-1, *([1] * (x.ndim - 1)))
         c_in = (s * s + 1) ** -0.5
-        out = model(x * c_in, t.to(x.device), **kwargs)
+        out = model(x * c_in, t.to(x.device), **kwargs).to(x.dtype)
         if pred == "epsilon":
             return x - s * out
         return x * c_in * c_in - s * c_in * out
