@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import BadModel
 
-class CheckpointError(ValueError):
+
+class CheckpointError(BadModel):
     """A checkpoint whose keys or shapes do not match what latentdiff expects."""

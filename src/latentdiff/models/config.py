@@ -15,10 +15,12 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..errors import BadModel
+
 C = TypeVar("C", bound="ModelConfig")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadModel):
     """A config that latentdiff cannot build a model from."""
 
 
