@@ -19,10 +19,9 @@ from torch import nn
 from .checkpoints import single_file
 from .checkpoints.diffusers_folder import KINDS, build_model, kind_of_config, load_component_folder, read_json
 from .checkpoints.errors import CheckpointError
-from .checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, read_state_dict
-from .models.clip import CLIPTextConfig
+from .checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, read_state_dict, trace_sources
+from .models.clip import normalize_text_encoder_keys
 from .models.tokenizer import CLIPTokenizer
-from .models.unet import UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .pipeline import Pipeline
 from .schedule import ScheduleConfig
@@ -105,11 +104,13 @@ def _build_from_original(sd: StateDict, device, dtype, where: str) -> tuple[nn.M
     unet_sd, vae_sd, text_sd, ignored = single_file.split_single_file(sd)
     if ignored:
         warnings.warn(f"{where}: ignored {len(ignored)} non-weight entries (e.g. {', '.join(ignored[:3])})", stacklevel=3)
-    unet = build_model(KINDS["unet"], UNetConfig.from_dict(configs["unet"]), unet_sd, device, dtype, f"unet ({where})")
-    vae = build_model(KINDS["vae"], VAEConfig.from_dict(configs["vae"]), vae_sd, device, dtype, f"vae ({where})")
-    text = build_model(
-        KINDS["text_encoder"], CLIPTextConfig.from_dict(configs["text_encoder"]), text_sd, device, dtype, f"text encoder ({where})"
-    )
+    models = []
+    for kind, part, name in ((KINDS["unet"], unet_sd, "unet"), (KINDS["vae"], vae_sd, "vae"),
+                             (KINDS["text_encoder"], text_sd, "text encoder")):
+        config = kind.config_cls.from_dict(configs[kind.name], source=f"{where} (inferred {name} config)")
+        sources = trace_sources(part, {where: sd})
+        models.append(build_model(kind, config, part, device, dtype, f"{name} ({where})", sources))
+    unet, vae, text = models
     return unet, vae, text
 
 
@@ -138,8 +139,11 @@ def load_component(
     if (path.parent / "config.json").is_file():  # a weight file inside a component folder
         raw = read_json(path.parent / "config.json")
         kind = kind_of_config(raw, path.parent / "config.json")
+        config = kind.config_cls.from_dict(raw, source=path.parent / "config.json")
         sd = read_state_dict(path)
-        return build_model(kind, kind.config_cls.from_dict(raw), sd, device, dtype, f"{kind.name} ({path})")
+        if kind.name == "text_encoder":
+            sd, _ignored = normalize_text_encoder_keys(sd)
+        return build_model(kind, config, sd, device, dtype, f"{kind.name} ({path})")
     return _load_lone_vae_file(path, device, dtype)
 
 
@@ -162,6 +166,7 @@ def _load_lone_vae_file(path: Path, device, dtype) -> nn.Module:
     if ignored:
         warnings.warn(f"{path.name}: ignored {len(ignored)} non-VAE entries (e.g. {', '.join(ignored[:3])})", stacklevel=3)
     original = {f"first_stage_model.{k}": v for k, v in vae_sd.items()}
-    config = VAEConfig.from_dict(single_file._infer_vae(original))
+    config = VAEConfig.from_dict(single_file._infer_vae(original), source=f"{path.name} (inferred vae config)")
     diffusers_sd = single_file.vae_from_original(original, config)
-    return build_model(KINDS["vae"], config, diffusers_sd, device, dtype, f"vae ({path.name})")
+    sources = trace_sources(diffusers_sd, {path.name: sd})
+    return build_model(KINDS["vae"], config, diffusers_sd, device, dtype, f"vae ({path.name})", sources)

@@ -21,12 +21,15 @@ back-tracking when cutting chunks; chunks are cut at exactly 75 tokens.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
+
+from .errors import BadArgument
 
 _TOKEN = re.compile(
     r"""
@@ -49,6 +52,9 @@ SQUARE = 1 / 1.1
 
 def parse_weighted_prompt(prompt: str) -> list[tuple[str, float]]:
     """Split a prompt into (text, weight) fragments; adjacent equal weights are merged.
+
+    A weight that is not finite (one written with hundreds of digits, or nested weights
+    whose product overflows) raises :class:`~latentdiff.errors.BadArgument`.
 
     >>> parse_weighted_prompt("a (red:1.5) [circle]")
     [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('circle', 0.9090909090909091)]
@@ -89,6 +95,12 @@ def parse_weighted_prompt(prompt: str) -> list[tuple[str, float]]:
 
     merged: list[tuple[str, float]] = []
     for text, weight in fragments:
+        if not math.isfinite(weight):
+            shown = text if len(text) <= 30 else text[:27] + "..."
+            raise BadArgument(
+                f"prompt weight of {shown!r} is {weight} (too large a weight, or nested weights that overflow); "
+                "weights must be finite numbers"
+            )
         if merged and merged[-1][1] == weight:
             merged[-1] = (merged[-1][0] + text, weight)
         else:

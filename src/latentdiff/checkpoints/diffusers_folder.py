@@ -14,7 +14,7 @@ normalisation, which accepts both transformers 4 and 5 layouts).
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,13 +22,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..jsonfile import read_json_object
 from ..models.clip import CLIPTextConfig, CLIPTextModel, normalize_text_encoder_keys
-from ..models.config import ConfigError, ModelConfig
+from ..models.config import ModelConfig
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DCondition, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from .errors import CheckpointError
-from .io import StateDict, load_strict, read_state_dict, write_safetensors
+from .io import StateDict, load_strict, read_state_dict, trace_sources, write_safetensors
 
 DIFFUSERS_VERSION = "0.30.0"  # written into configs; the oldest diffusers layout we write is compatible with
 
@@ -70,15 +71,7 @@ def kind_of_config(config: dict[str, Any], where: Path) -> ComponentKind:
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``, or a CheckpointError naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"missing file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"corrupt JSON in {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path, CheckpointError)
 
 
 def find_weights(folder: Path, kind: ComponentKind, variant: str | None = None) -> list[Path]:
@@ -103,19 +96,36 @@ def find_weights(folder: Path, kind: ComponentKind, variant: str | None = None) 
 
 def read_component_state_dict(folder: Path, kind: ComponentKind, variant: str | None = None) -> StateDict:
     """All tensors of a component folder, in latentdiff's (= diffusers') key layout."""
+    return read_component(folder, kind, variant)[0]
+
+
+def read_component(folder: Path, kind: ComponentKind, variant: str | None = None) -> tuple[StateDict, dict[str, str]]:
+    """All tensors of a component folder (latentdiff's key layout) and where each was read (:func:`trace_sources`)."""
+    files = {path: read_state_dict(path) for path in find_weights(folder, kind, variant)}
     state_dict: StateDict = {}
-    for path in find_weights(folder, kind, variant):
-        state_dict.update(read_state_dict(path))
+    for tensors in files.values():
+        state_dict.update(tensors)
     if kind.name == "text_encoder":
         state_dict, _ignored = normalize_text_encoder_keys(state_dict)
-    return state_dict
+    return state_dict, trace_sources(state_dict, files)
 
 
-def build_model(kind: ComponentKind, config: ModelConfig, state_dict: StateDict, device: torch.device | str, dtype: torch.dtype | None, where: str) -> nn.Module:
-    """Instantiate on the meta device (no random init), then assign the weights strictly."""
+def build_model(
+    kind: ComponentKind,
+    config: ModelConfig,
+    state_dict: StateDict,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+    where: str,
+    sources: Mapping[str, str] | None = None,
+) -> nn.Module:
+    """Instantiate on the meta device (no random init), then assign the weights strictly.
+
+    ``sources`` (key -> file and key it was read from) makes load errors name the file.
+    """
     with torch.device("meta"):
         model = kind.model_cls(config)
-    return load_strict(model, state_dict, where, device=device, dtype=dtype)
+    return load_strict(model, state_dict, where, device=device, dtype=dtype, sources=sources)
 
 
 def load_component_folder(
@@ -135,12 +145,9 @@ def load_component_folder(
         raise CheckpointError(f"{folder} has no config.json: not a diffusers component folder")
     raw = read_json(config_path)
     kind = kind_of_config(raw, config_path)
-    try:
-        config = kind.config_cls.from_dict(raw)
-    except (ConfigError, TypeError) as err:
-        raise CheckpointError(f"{config_path}: {err}") from None
-    state_dict = read_component_state_dict(folder, kind, variant)
-    return build_model(kind, config, state_dict, device, dtype, f"{kind.name} ({folder})")
+    config = kind.config_cls.from_dict(raw, source=config_path)
+    state_dict, sources = read_component(folder, kind, variant)
+    return build_model(kind, config, state_dict, device, dtype, f"{kind.name} ({folder})", sources)
 
 
 def save_component(model: nn.Module, folder: str | Path, kind_name: str, dtype: torch.dtype | None = None) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiff.checkpoints.errors import CheckpointError
 from latentdiff.models.config import ConfigError, ModelConfig
 
 TEXT_MODEL_PREFIX = "text_model."
@@ -264,6 +265,6 @@ def normalize_text_encoder_keys(
         if new.startswith(_INNER_ROOTS):
             new = TEXT_MODEL_PREFIX + new
         if new in out:
-            raise ValueError(f"text encoder state dict holds {key!r} twice under different layouts")
+            raise CheckpointError(f"text encoder state dict holds {key!r} twice under different layouts")
         out[new] = value
     return out, ignored

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .clip import _ACTIVATIONS, CLIPEncoder, CLIPTextConfig, CLIPTextModel, CLIPTextTransformer
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, config_error
 
 # OpenAI CLIP's pixel statistics (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -116,14 +116,16 @@ class CLIPVisionConfig(ModelConfig):
         return out
 
 
-def _sub_config(cls: type[ModelConfig], data: Any, defaults: Mapping[str, Any], what: str) -> Any:
+def _sub_config(
+    cls: type[ModelConfig], data: Any, defaults: Mapping[str, Any], what: str, source: str | Path | None = None
+) -> Any:
     if isinstance(data, cls):
         return data
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"CLIPConfig.{what} must be a JSON object, got {type(data).__name__}")
-    return cls.from_dict({**defaults, **data})
+        raise config_error(f"CLIPConfig.{what} must be a JSON object, got {type(data).__name__}", source)
+    return cls.from_dict({**defaults, **data}, source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +154,7 @@ class CLIPConfig(ModelConfig):
                    vision_config=CLIPVisionConfig.tiny(), projection_dim=16)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path | None = None) -> CLIPConfig:
         """Build from a transformers CLIPModel config dict.
 
         Missing sub-config keys take transformers' defaults. As in transformers, the legacy
@@ -164,15 +166,13 @@ class CLIPConfig(ModelConfig):
         vision = data.get("vision_config_dict")
         vision = data.get("vision_config") if vision is None else vision
         kwargs: dict[str, Any] = {
-            "text_config": _sub_config(CLIPTextConfig, text, _HF_TEXT_DEFAULTS, "text_config"),
-            "vision_config": _sub_config(CLIPVisionConfig, vision, {}, "vision_config"),
+            "text_config": _sub_config(CLIPTextConfig, text, _HF_TEXT_DEFAULTS, "text_config", source),
+            "vision_config": _sub_config(CLIPVisionConfig, vision, {}, "vision_config", source),
         }
-        for key in ("projection_dim", "logit_scale_init_value"):
-            if key in data:
-                kwargs[key] = data[key]
-        config = cls(**kwargs)
-        config.validate()
-        return config
+        kwargs.update(cls.checked_fields(
+            {k: data[k] for k in ("projection_dim", "logit_scale_init_value") if k in data}, source
+        ))
+        return cls.build_checked(kwargs, source)
 
     def __post_init__(self) -> None:
         # Allow CLIPConfig(text_config={...}) like transformers.
@@ -323,10 +323,7 @@ def load_clip_model(
     if raw.get("model_type") not in (None, "clip") or "CLIPModel" not in (raw.get("architectures") or ["CLIPModel"]):
         found = ", ".join(raw.get("architectures") or []) or raw.get("model_type")
         raise CheckpointError(f"{folder / 'config.json'} describes {found!r}, not a CLIPModel")
-    try:
-        config = CLIPConfig.from_dict(raw)
-    except (ConfigError, TypeError) as err:
-        raise CheckpointError(f"{folder / 'config.json'}: {err}") from None
+    config = CLIPConfig.from_dict(raw, source=folder / "config.json")
     kind = ComponentKind("clip", CLIPConfig, CLIPModel, "model", "pytorch_model", "transformers")
     state_dict: dict[str, Tensor] = {}
     for path in find_weights(folder, kind):

@@ -20,13 +20,15 @@ folder loads with ``load_state_dict(strict=True)`` and no renaming.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from latentdiff.models.config import ConfigError, ModelConfig
+from latentdiff.models.config import ConfigError, ModelConfig, config_error
 from latentdiff.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -160,13 +162,13 @@ class UNetConfig(ModelConfig):
     # ---- loading -------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path | None = None) -> UNetConfig:
         """As ``ModelConfig.from_dict``, but diffusers keys that would change the
         architecture (class embeddings, extra kernels, ...) must hold their defaults."""
         for key, default in _FIXED_KEYS.items():
-            if key in data and data[key] != default:
-                raise ConfigError(f"UNet config {key}={data[key]!r} is not supported (only {default!r})")
-        return super().from_dict(data)
+            if key in data and (data[key] != default or isinstance(data[key], bool) != isinstance(default, bool)):
+                raise config_error(f"UNet config {key}={data[key]!r} is not supported (only {default!r})", source)
+        return super().from_dict(data, source)
 
     # ---- derived values ------------------------------------------------------
 
@@ -230,8 +232,9 @@ class UNetConfig(ModelConfig):
             raise bad("addition_embed_type", self.addition_embed_type, "None")
         if self.downsample_padding not in (0, 1):
             raise bad("downsample_padding", self.downsample_padding, "0 or 1")
-        if self.in_channels <= 0 or self.out_channels <= 0:
-            raise ConfigError(f"UNet config channels must be positive: in={self.in_channels} out={self.out_channels}")
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) <= 0:
+                raise bad(name, getattr(self, name), "a positive int")
         groups = self.norm_num_groups
         if not isinstance(groups, int) or groups <= 0:
             raise bad("norm_num_groups", groups, "a positive int")

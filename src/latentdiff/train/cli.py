@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..checkpoints.errors import CheckpointError
+from ..errors import UserError
 from .checkpoint import TrainCheckpointError
 from .clip import CLIPTrainConfig
 from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
@@ -91,7 +92,7 @@ def run_train_command(args: argparse.Namespace) -> int:
         if changes:
             config = config.replace(**changes)
         result = runner(config, args.resume)
-    except (TrainConfigError, TrainDataError, TrainCheckpointError, CheckpointError, FileExistsError) as err:
+    except (TrainConfigError, TrainDataError, TrainCheckpointError, CheckpointError, UserError, FileExistsError) as err:
         print(f"latentdiff train {args.train_what}: {err}", file=sys.stderr)
         return 2
     print(f"trained {args.train_what} for {result.step} steps in {result.out_dir}")
