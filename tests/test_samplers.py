@@ -1,13 +1,16 @@
 """Samplers: equivalence with diffusers' scheduler loops, convergence on an analytic problem,
 the registry and the callback."""
 
+import inspect
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from _oracles import k_diffusion_sampling
 
 from latentdiff.samplers import (
     SAMPLERS,
@@ -19,6 +22,7 @@ from latentdiff.samplers import (
     sample_euler,
     vp_denoiser,
 )
+from latentdiff.samplers.sde import BrownianNoise
 from latentdiff.schedule import SD15_SCHEDULER_CONFIG, NoiseSchedule, ScheduleConfig
 
 SHAPE = (2, 4, 8, 8)
@@ -40,12 +44,24 @@ def gens(seed=5):
 
 def run_diffusers(spec, cfg, steps, *, strength=None, step_kw=None, x0=None):
     """diffusers' pipeline loop: initial noise from per-image CPU generators, which the
-    stochastic schedulers then keep drawing from."""
+    stochastic schedulers then keep drawing from.  DPMSolverSDEScheduler seeds one Brownian
+    tree per scheduler (``noise_sampler_seed``), latentdiff (as A1111) one per image from the
+    image's seed: that one runs image by image (the toy model treats images independently)."""
+    pytest.importorskip("diffusers")
+    if not spec.diffusers_class:
+        pytest.skip(f"diffusers has no {spec.name!r}; k-diffusion is its reference")
+    if spec.diffusers_class == "DPMSolverSDEScheduler":
+        return torch.cat([_run_diffusers(spec, cfg, steps, [g], strength, step_kw,
+                                         None if x0 is None else x0[i:i + 1], noise_sampler_seed=g.initial_seed())
+                          for i, g in enumerate(gens())])
+    return _run_diffusers(spec, cfg, steps, gens(), strength, step_kw, x0)
+
+
+def _run_diffusers(spec, cfg, steps, g, strength, step_kw, x0, **config):
     diffusers = pytest.importorskip("diffusers")
     sched = getattr(diffusers, spec.diffusers_class).from_config(
-        {**cfg.to_dict(spec.diffusers_class), **spec.reference_config})
-    g = gens()
-    noise = randn_like(torch.zeros(SHAPE), g)
+        {**cfg.to_dict(spec.diffusers_class), **spec.reference_config, **config})
+    noise = randn_like(torch.zeros((len(g), *SHAPE[1:])), g)
     sched.set_timesteps(steps)
     timesteps = sched.timesteps
     if strength is None:
@@ -58,7 +74,7 @@ def run_diffusers(spec, cfg, steps, *, strength=None, step_kw=None, x0=None):
             sched.set_begin_index(t_start * sched.order)
         lat = sched.add_noise(x0, noise, timesteps[:1])
     kw = dict(step_kw or {})
-    if spec.stochastic or kw.get("eta", 0) > 0:
+    if (spec.stochastic or kw.get("eta", 0) > 0) and "generator" in inspect.signature(sched.step).parameters:
         kw["generator"] = g
     for t in timesteps:
         out = eps_model(sched.scale_model_input(lat, t), t)
@@ -128,7 +144,8 @@ def test_clip_sample_matches_diffusers(sampler):
 
 
 @pytest.mark.parametrize("schedule", ["karras", "exponential"])
-@pytest.mark.parametrize("sampler", ["euler", "heun", "lms", "dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "lms", "dpmpp_2m", "unipc", "dpm2", "dpm2_a", "deis",
+                                     "dpmpp_2m_sde", "dpmpp_sde"])
 def test_schedule_types_match_diffusers(sampler, schedule):
     spec = get_sampler(sampler, schedule)
     for cfg in (ScheduleConfig(timestep_spacing="leading"), ScheduleConfig()):
@@ -158,6 +175,188 @@ def test_img2img_matches_diffusers(sampler):
     for steps, strength in [(10, 0.75), (25, 0.5)]:
         assert_rel(run_ours(spec, cfg, steps, strength=strength, x0=x0),
                    run_diffusers(spec, cfg, steps, strength=strength, x0=x0))
+
+
+# ----------------------------------------------------------------------------- k-diffusion oracle
+# What diffusers cannot check: DPM++ 2S a (no diffusers scheduler), A1111's one Brownian tree per
+# image in a batch, A1111's Brownian DPM++ 2M SDE, and schedule types diffusers' class lacks.
+# k-diffusion's own sampler runs on the same plan sigmas from the same start with the same
+# denoiser (it passes a batch of equal sigmas) and the same noise.
+K_CONFIGS = {"sd15": ScheduleConfig(), "trailing-v": ScheduleConfig(timestep_spacing="trailing",
+                                                                     prediction_type="v_prediction")}
+
+
+def run_with_k_diffusion(kfn_name, spec, cfg, steps, *, strength=None, brownian=False, **options):
+    """(ours, k-diffusion's ``kfn_name``), as VP latents.  Noise: drawn from the per-image
+    generators as ours draws it, or, with ``brownian``, k-diffusion's BrownianTreeNoiseSampler
+    with one tree per image seeded with the image's seed over the whole schedule's sigma range
+    (what A1111's create_noise_sampler makes, also for img2img); ours then uses its plan's trees
+    (DPM++ SDE) or a BrownianNoise made the same way."""
+    ks = k_diffusion_sampling()
+    if ks is None:
+        pytest.skip("k-diffusion is not installed")
+    ns = spec.schedule(cfg)
+    full, plan = spec.plan(ns, steps), spec.plan(ns, steps, strength=strength)
+    denoise = vp_denoiser(eps_model, ns, discrete_timesteps=plan.discrete_timesteps, timesteps=plan.timesteps)
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99))
+    lo, hi = float(full.sigmas[full.sigmas > 0].min()), float(full.sigmas.max())
+    seeds = [g.initial_seed() for g in gens()]
+    outs = []
+    for reference in (False, True):
+        g = gens()
+        noise = randn_like(torch.zeros(SHAPE), g)
+        x = noise * plan.init_noise_sigma if strength is None else x0 + noise * plan.sigmas[0]
+        if reference:
+            if brownian:
+                noise_sampler = ks.BrownianTreeNoiseSampler(x, lo, hi, seed=seeds)
+            else:
+                def noise_sampler(sigma, sigma_next, x=x, g=g):
+                    return randn_like(x, g)
+            out = getattr(ks, kfn_name)(lambda x, s: denoise(x, s[0]), x, plan.sigmas, disable=True,
+                                        noise_sampler=noise_sampler, **options)
+        else:
+            extra = {}
+            if brownian and "brownian_range" not in plan.options:
+                extra["noise_sampler"] = BrownianNoise(x, lo, hi, seeds)
+            out = spec(denoise, x, plan.sigmas, generator=g, **plan.options, **extra, **options)
+        outs.append(plan.to_vp(out))
+    return outs
+
+
+@pytest.mark.parametrize("config", list(K_CONFIGS))
+@pytest.mark.parametrize("schedule", [None, "karras", "exponential", "sgm_uniform"])
+def test_dpmpp_2s_a_matches_k_diffusion(schedule, config):
+    spec = get_sampler("dpmpp_2s_a", schedule)
+    for steps in (1, 2, 10, 25):
+        assert_rel(*run_with_k_diffusion("sample_dpmpp_2s_ancestral", spec, K_CONFIGS[config], steps), 1e-5)
+    assert_rel(*run_with_k_diffusion("sample_dpmpp_2s_ancestral", spec, K_CONFIGS[config], 25, strength=0.5), 1e-5)
+
+
+@pytest.mark.parametrize("config", list(K_CONFIGS))
+@pytest.mark.parametrize("schedule", [None, "karras", "exponential", "sgm_uniform"])
+def test_dpmpp_sde_batch_matches_k_diffusion_with_a_tree_per_image(schedule, config):
+    """A batch: one Brownian tree per image seeded with its seed (A1111), spanning the whole
+    schedule in img2img too; diffusers (one tree per scheduler) checks batches of one."""
+    spec = get_sampler("dpmpp_sde", schedule)
+    for steps in (1, 2, 10, 25):
+        assert_rel(*run_with_k_diffusion("sample_dpmpp_sde", spec, K_CONFIGS[config], steps, brownian=True), 1e-5)
+    assert_rel(*run_with_k_diffusion("sample_dpmpp_sde", spec, K_CONFIGS[config], 25, strength=0.5, brownian=True),
+               1e-5)
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("brownian", [False, True], ids=["generator-noise", "brownian-noise"])
+def test_dpmpp_2m_sde_matches_k_diffusion(brownian, solver_type):
+    """k-diffusion's sample_dpmpp_2m_sde: A1111's DPM++ 2M SDE (Brownian noise, on A1111's
+    default exponential schedule among others) and the "heun" solver type."""
+    for schedule in (None, "exponential"):
+        spec = get_sampler("dpmpp_2m_sde", schedule)
+        for config in K_CONFIGS.values():
+            for steps in (2, 10, 25):
+                assert_rel(*run_with_k_diffusion("sample_dpmpp_2m_sde", spec, config, steps, brownian=brownian,
+                                                 solver_type=solver_type), 1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["karras", "exponential", "sgm_uniform"])
+def test_euler_a_schedule_types_match_k_diffusion(schedule):
+    """diffusers' EulerAncestralDiscreteScheduler has no Karras/exponential sigmas: k-diffusion's
+    sample_euler_ancestral on the same sigmas with the same noise."""
+    spec = get_sampler("euler_a", schedule)
+    for config in K_CONFIGS.values():
+        for steps in (1, 2, 10, 25):
+            assert_rel(*run_with_k_diffusion("sample_euler_ancestral", spec, config, steps), 1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_a"])
+def test_sde_samplers_finite_for_every_spacing_and_step_count(sampler):
+    """1, 2, 999 and 1000 steps with every spacing and a schedule type: finite results, no
+    error.  1000 steps repeat a sigma ("leading": t=1000 clamps to t=999; "linspace" in the
+    multistep spacing: a timestep twice), where diffusers divides by zero.  One image of 4x1x1;
+    DPM++ SDE's Brownian tree (some 8 s a 1000-step run) only where the first two sigmas are
+    equal, generator noise elsewhere at 999/1000 steps.  DPM++ 2M SDE with "leading" spacing at
+    1000 steps (every multistep timestep the same) is refused with a ValueError."""
+    x = torch.zeros(1, 4, 1, 1)
+    for spec in (SAMPLERS[sampler], get_sampler(sampler, "karras")):
+        for spacing in ("leading", "linspace", "trailing"):
+            for steps in (1, 2, 999, 1000):
+                ns = spec.schedule(ScheduleConfig(timestep_spacing=spacing))
+                if (spec.id, spec.sigma_schedule, spacing, steps) == ("dpmpp_2m_sde", None, "leading", 1000):
+                    with pytest.raises(ValueError, match="one timestep"):
+                        spec.plan(ns, steps)
+                    continue
+                plan = spec.plan(ns, steps)
+                denoise = vp_denoiser(eps_model, ns, discrete_timesteps=plan.discrete_timesteps,
+                                      timesteps=plan.timesteps)
+                g = [torch.Generator().manual_seed(5)]
+                options = dict(plan.options)
+                tree = (spec.sigma_schedule, spacing, steps) == (None, "leading", 1000)
+                if sampler == "dpmpp_sde" and steps >= 999 and not tree:
+                    options["noise_sampler"] = lambda sigma, sigma_next, g=g: randn_like(x, g)
+                out = spec(denoise, randn_like(x, g) * plan.init_noise_sigma, plan.sigmas, generator=g, **options)
+                assert torch.isfinite(out).all(), (spec.sigma_schedule, spacing, steps)
+
+
+CLASSIC = ["ddim", "ddpm", "plms", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "unipc"]
+
+
+@pytest.mark.parametrize("sampler", CLASSIC)
+def test_up_to_1000_steps_finite_or_refused(sampler):
+    """1, 2, 999 and 1000 steps with every spacing give finite results or a ValueError that says
+    why (where diffusers raises an IndexError or returns NaN): DDIM/DDPM/PLMS with "leading"
+    spacing at 1000 steps would reach timestep 1000; the multistep solvers with "leading" at 1000
+    steps would put every step on one timestep.  Plans that repeat a sigma (1000 steps) run their
+    distinct sigmas in the samplers that cannot take a zero-length step (LMS, DPM++ 2M, UniPC)."""
+    spec = SAMPLERS[sampler]
+    refused = {("ddim", "leading"), ("ddpm", "leading"), ("plms", "leading"), ("dpmpp_2m", "leading"),
+               ("unipc", "leading")}
+    for spacing in ("leading", "linspace", "trailing"):
+        ns = spec.schedule(ScheduleConfig(timestep_spacing=spacing))
+        for steps in (1, 2, 999, 1000):
+            if steps == 1000 and (sampler, spacing) in refused:
+                with pytest.raises(ValueError, match="leading"):
+                    spec.plan(ns, steps)
+                continue
+            plan = spec.plan(ns, steps)
+            denoise = vp_denoiser(lambda x, t: torch.tanh(x) * 0.5 + t / 2000, ns,
+                                  discrete_timesteps=plan.discrete_timesteps, timesteps=plan.timesteps)
+            x = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(0)) * plan.init_noise_sigma
+            out = spec(denoise, x, plan.sigmas, generator=[torch.Generator().manual_seed(1)], **plan.options)
+            assert torch.isfinite(out).all(), (spacing, steps)
+
+
+@pytest.mark.parametrize("sampler", ["dpm2", "dpm2_a", "deis"])
+def test_dpm2_deis_finite_or_refused_for_every_spacing_and_step_count(sampler):
+    """1, 2, 999 and 1000 steps with every spacing: finite results (1000-step schedules repeat a
+    sigma, where diffusers' DEIS divides by zero), except DEIS with "leading" spacing and 1000
+    steps, whose timesteps would all be one: a ValueError saying so.  Schedule types at 1, 2 steps."""
+
+    def run(spec, cfg, steps):  # run_ours with a cheap model on a small batch
+        ns = spec.schedule(cfg)
+        plan = spec.plan(ns, steps)
+        denoise = vp_denoiser(lambda x, t: torch.tanh(x) * 0.5 + t / 2000, ns,
+                              discrete_timesteps=plan.discrete_timesteps, timesteps=plan.timesteps)
+        x = torch.randn(2, 2, 2, 2, generator=torch.Generator().manual_seed(0)) * plan.init_noise_sigma
+        return plan.to_vp(spec(denoise, x, plan.sigmas, generator=gens(), **plan.options))
+
+    for spacing in ("leading", "linspace", "trailing"):
+        cfg = ScheduleConfig(timestep_spacing=spacing)
+        for steps in (1, 2, 999, 1000):
+            if sampler == "deis" and spacing == "leading" and steps == 1000:
+                with pytest.raises(ValueError, match="at most 999 steps"):
+                    run(SAMPLERS[sampler], cfg, steps)
+                continue
+            assert torch.isfinite(run(SAMPLERS[sampler], cfg, steps)).all(), (spacing, steps)
+        for schedule in ("karras", "exponential", "sgm_uniform"):
+            for steps in (1, 2):
+                assert torch.isfinite(run(get_sampler(sampler, schedule), cfg, steps)).all(), (spacing, schedule)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_deis_order_3_matches_diffusers(spacing):
+    spec = replace(SAMPLERS["deis"], diffusers_config={"solver_order": 3})
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    for steps in (7, 10, 25):
+        assert_rel(run_ours(spec, cfg, steps, options={"order": 3}), run_diffusers(spec, cfg, steps))
 
 
 def test_single_generator_draws_whole_batch_like_diffusers():
@@ -202,7 +401,7 @@ def gaussian_denoiser(x, sigma):
 
 DETERMINISTIC = [s for s, spec in SAMPLERS.items() if not spec.stochastic]
 MIN_ORDER = {"euler": (0.7, 1.5), "ddim": (0.7, 1.5), "heun": (1.5, 9), "dpmpp_2m": (1.5, 9),
-             "unipc": (1.5, 9), "lms": (1.5, 9), "plms": (1.5, 9)}
+             "unipc": (1.5, 9), "lms": (1.5, 9), "plms": (1.5, 9), "dpm2": (1.5, 9), "deis": (1.5, 9)}
 
 
 @pytest.mark.parametrize("sampler", DETERMINISTIC)
@@ -245,6 +444,21 @@ def test_stochastic_samplers_sample_the_data_distribution(sampler, options):
     assert std_err[1] < std_err[0] / 3 and std_err[1] < 0.03 * S, std_err
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_a"])
+def test_sde_samplers_sample_the_data_distribution(sampler):
+    """With the exact posterior mean of Gaussian data, 30 Karras steps end at the data's mean and
+    std (within 3%; Euler a is still 11% low there), and not at the ODE's deterministic map."""
+    ns = NoiseSchedule()
+    n = 10000
+    g = torch.Generator().manual_seed(0)
+    sigmas = torch.cat([ns.karras_sigmas(30), torch.zeros(1, dtype=torch.float64)])
+    x = MU + math.sqrt(S * S + float(sigmas[0]) ** 2) * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    out = SAMPLERS[sampler].fn(gaussian_denoiser, x, sigmas, generator=g)
+    assert abs(out.mean().item() - MU) < 5 * S / math.sqrt(n)
+    assert abs(out.std().item() - S) < 0.03 * S
+    assert not torch.allclose(out, sample_euler(gaussian_denoiser, x, sigmas))
+
+
 def test_ddim_eta0_is_euler_on_the_same_sigmas():
     sig = NoiseSchedule().karras_sigmas(12).float()
     x = torch.randn(3, 4)
@@ -256,7 +470,9 @@ def test_ddim_eta0_is_euler_on_the_same_sigmas():
 # ----------------------------------------------------------------------------- registry / callback
 def test_registry_names():
     names = {"ddim": "DDIM", "ddpm": "DDPM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a",
-             "heun": "Heun", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC"}
+             "heun": "Heun", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC", "dpm2": "DPM2",
+             "dpm2_a": "DPM2 a", "deis": "DEIS", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE",
+             "dpmpp_2s_a": "DPM++ 2S a"}
     assert {k: v.name for k, v in SAMPLERS.items() if k in names} == names
     for sid, spec in SAMPLERS.items():
         for key in (sid, spec.name, spec.name.upper(), f"  {spec.name.lower()} "):
@@ -278,6 +494,13 @@ def test_combined_names_resolve_to_sampler_and_schedule():
         get_sampler("Euler", "nope")
     with pytest.raises(ValueError, match="does not take schedule type 'karras'"):
         get_sampler("DDIM Karras")
+
+
+def test_dpm2_and_deis_names_with_schedule_types():
+    for name, sid, sched in [("DPM2 a Karras", "dpm2_a", "karras"), ("dpm2_a_exponential", "dpm2_a", "exponential"),
+                             ("DPM2 Karras", "dpm2", "karras"), ("DEIS SGM Uniform", "deis", "sgm_uniform")]:
+        spec = get_sampler(name)
+        assert (spec.id, spec.sigma_schedule) == (sid, sched), name
 
 
 def test_unknown_sampler_lists_valid_names():

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _oracles import k_diffusion_sampling
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -15,6 +16,8 @@ from latentdiff.schedule import (  # noqa: E402
     ScheduleConfig,
     class_defaults,
     img2img_start,
+    kdpm2_step_levels,
+    sde_midpoint_sigma,
 )
 
 SPACINGS = ["leading", "linspace", "trailing"]
@@ -170,6 +173,9 @@ def test_k_plans_match_diffusers_sigmas(spacing, n):
         ("dpm", "DPMSolverMultistepScheduler", karras, "karras"),
         ("dpm", "UniPCMultistepScheduler", karras, "karras"),
         ("dpm", "DPMSolverMultistepScheduler", exponential, "exponential"),
+        ("deis", "DEISMultistepScheduler", {}, None),
+        ("deis", "DEISMultistepScheduler", karras, "karras"),
+        ("deis", "DEISMultistepScheduler", exponential, "exponential"),
     ]:
         if n == 1 and sched is not None:
             continue  # one Karras / exponential sigma is a 0/0 in diffusers
@@ -183,7 +189,7 @@ def test_k_plans_match_diffusers_sigmas(spacing, n):
         assert plan.sigmas.dtype == torch.float32
         _close(plan.sigmas, ref.sigmas)
         init = float(ref.init_noise_sigma)
-        if kind.startswith("dpm"):  # VP scheduler: unit noise in VP space
+        if kind in ("dpm", "deis"):  # VP scheduler: unit noise in VP space
             init = math.sqrt(1 + float(plan.sigmas[0]) ** 2)
         assert plan.init_noise_sigma == pytest.approx(init, rel=1e-6)
         # the timesteps the model gets: exactly diffusers'
@@ -198,6 +204,96 @@ def test_heun_plan_is_undoubled_diffusers_list(spacing):
     ref.set_timesteps(10)
     plan = NoiseSchedule(cfg).plan("euler", 10)
     _close(torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2], ref.sigmas[-1:]]), plan.sigmas)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("kind,cls", [("kdpm2", "KDPM2DiscreteScheduler"),
+                                      ("kdpm2_a", "KDPM2AncestralDiscreteScheduler")])
+def test_kdpm2_plans_match_diffusers(spacing, kind, cls):
+    """KDPM2's doubled lists: the plan's sigmas are the undoubled ``sigmas``, its step midpoints
+    diffusers' ``sigmas_interpol`` (to the bit, but for DPM2 a's one-ulp separation from the
+    next sigma), and the timesteps the model gets, main and midpoint calls in order, exactly
+    diffusers' interleaved ``timesteps``."""
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    ns = NoiseSchedule(cfg, cls)
+    for sched, extra in [(None, {}), ("karras", {"use_karras_sigmas": True}),
+                         ("exponential", {"use_exponential_sigmas": True})]:
+        for n in [1, 2, 7, 10, 25] + ([999] if sched is None else []):
+            ref = make(cls, cfg, **extra)
+            ref.set_timesteps(n)
+            plan = ns.plan(kind, n, sigma_schedule=sched)
+            assert torch.equal(plan.sigmas, torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2]])), (sched, n)
+            assert plan.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+            mids = [kdpm2_step_levels(plan.sigmas[i], plan.sigmas[i + 1], kind == "kdpm2_a")[0] for i in range(n)]
+            # per step, (n,): DPM2 uses sigmas_interpol[i + 1], DPM2 a sigmas_interpol[i]
+            ref_mids = ref.sigmas_interpol[1:-1:2] if kind == "kdpm2" else \
+                torch.cat([ref.sigmas_interpol[:1], ref.sigmas_interpol[1:-1:2]])[:n]
+            mids_t = torch.stack(mids)
+            moved = torch.nextafter(ref_mids, plan.sigmas[:-1]) if kind == "kdpm2_a" else ref_mids
+            assert ((mids_t == ref_mids) | (mids_t == moved)).all(), (sched, n)
+            seq = []
+            for s, m in zip(plan.sigmas[:-1], mids):
+                seq += [plan.timesteps[float(s)]] + ([plan.timesteps[float(m)]] if m > 0 else [])
+            assert torch.equal(torch.tensor(seq), ref.timesteps.float()), (sched, n)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_dpm_sde_plan_matches_diffusers(spacing):
+    """DPMSolverSDEScheduler's doubled lists: the plan's sigmas are the undoubled ``sigmas``, and
+    the timesteps the model gets, main and midpoint (:func:`sde_midpoint_sigma`) calls in order,
+    exactly diffusers' interleaved ``timesteps``; the Brownian tree's range is its."""
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    ns = NoiseSchedule(cfg, "DPMSolverSDEScheduler")
+    for sched, extra in [(None, {}), ("karras", {"use_karras_sigmas": True}),
+                         ("exponential", {"use_exponential_sigmas": True})]:
+        for n in [1, 2, 7, 10, 25] + ([999, 1000] if sched is None else []):
+            if n == 1 and sched is not None:
+                continue  # one Karras / exponential sigma is a 0/0 in diffusers
+            ref = make("DPMSolverSDEScheduler", cfg, **extra)
+            ref.set_timesteps(n)
+            plan = ns.plan("dpm_sde", n, sigma_schedule=sched)
+            undoubled = torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2], ref.sigmas[-1:]])
+            assert torch.equal(plan.sigmas, undoubled), (sched, n)
+            assert plan.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+            positive = ref.sigmas[ref.sigmas > 0]
+            assert plan.options["brownian_range"] == (float(positive.min()), float(ref.sigmas.max()))
+            if len(set(plan.sigmas[:-1].tolist())) < n:
+                # "leading" at 1000 steps: diffusers' t=1000 has sigma(999) (clamped); the table, keyed
+                # by sigma, gives both calls t=999
+                continue
+            seq = []
+            for i in range(n):
+                seq.append(plan.timesteps[float(plan.sigmas[i])])
+                if i < n - 1:
+                    seq.append(plan.timesteps[float(sde_midpoint_sigma(plan.sigmas[i], plan.sigmas[i + 1]))])
+            assert torch.equal(torch.tensor(seq), ref.timesteps.float()), (sched, n)
+    with pytest.raises(ValueError, match="cannot exceed"):
+        ns.plan("dpm_sde", 1001)
+
+
+def test_sgm_uniform_is_a1111s_formula_on_k_diffusions_schedule():
+    """A1111's "SGM Uniform" (modules/sd_schedulers.py ``sgm_uniform``): timesteps
+    ``linspace(t(sigma_max), t(sigma_min), n + 1)[:-1]`` read back as sigmas, both ways through
+    k-diffusion's DiscreteSchedule (CompVisDenoiser's base, float32 log-sigma interpolation).
+    latentdiff interpolates in float64: a few float32 ulps apart, never more than 1e-6."""
+    sampling = k_diffusion_sampling()
+    if sampling is None:
+        pytest.skip("k-diffusion is not installed")
+    from k_diffusion.external import DiscreteSchedule
+
+    for cfg in (ScheduleConfig(), ScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+                ScheduleConfig(beta_schedule="squaredcos_cap_v2")):
+        ns = NoiseSchedule(cfg, "EulerDiscreteScheduler")
+        inner = DiscreteSchedule(ns.sigmas, quantize=False)
+        sigma_min, sigma_max = inner.sigmas[0].item(), inner.sigmas[-1].item()  # as A1111's get_sigmas
+        start, end = inner.sigma_to_t(torch.tensor(sigma_max)), inner.sigma_to_t(torch.tensor(sigma_min))
+        for n in (1, 2, 3, 7, 10, 25, 50, 999, 1000):
+            ref = torch.FloatTensor([inner.t_to_sigma(ts) for ts in torch.linspace(start, end, n + 1)[:-1]] + [0.0])
+            for kind in ("euler", "dpm", "dpm_sde"):
+                sigmas = ns.plan(kind, n, sigma_schedule="sgm_uniform").sigmas
+                assert sigmas.shape == ref.shape and sigmas[-1] == 0, (kind, n)
+                err = ((sigmas[:-1].double() - ref[:-1].double()).abs() / ref[:-1].double()).max().item()
+                assert err < 1e-6, (cfg.beta_schedule, kind, n, err)
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)

@@ -32,12 +32,14 @@ conversion of the final sample back to VP latents.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .errors import BadArgument
 
 __all__ = [
     "ScheduleConfig",
@@ -50,6 +52,8 @@ __all__ = [
     "CLASS_DEFAULTS",
     "class_defaults",
     "img2img_start",
+    "kdpm2_step_levels",
+    "sde_midpoint_sigma",
 ]
 
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -202,7 +206,7 @@ class SigmaPlan:
     Attributes:
         sigmas: float32 1-D tensor, decreasing; the model is evaluated at ``sigmas[:-1]`` and
             the sample ends at noise level ``sigmas[-1]`` (0, or ``sigma(t=0)`` for DDIM/PLMS
-            with ``set_alpha_to_one=False``).
+            with ``set_alpha_to_one=False`` and for DEIS).
         init_noise_sigma: scale of unit Gaussian noise for the txt2img starting sample, in
             sigma units.  For VP schedulers (DDIM, DDPM, PNDM, DPM-Solver, UniPC) diffusers
             starts from unit noise in VP space, i.e. ``sqrt(1 + sigmas[0]**2)`` here; for the
@@ -240,6 +244,17 @@ class SigmaPlan:
         s = float(self.sigmas[-1])
         return x if s == 0.0 else x / math.sqrt(1.0 + s * s)
 
+    def distinct(self) -> "SigmaPlan":
+        """This plan without the steps between equal sigmas (zero-length steps, which a
+        1000-step schedule can contain); the same plan when there are none.  Only for plans
+        without per-step options."""
+        keep = [0] + [i for i in range(1, len(self.sigmas)) if float(self.sigmas[i]) != float(self.sigmas[i - 1])]
+        if len(keep) == len(self.sigmas):
+            return self
+        if any(k in self.options for k in ("sigmas_prev", "sigma_restart")):
+            raise ValueError("a plan with per-step options cannot drop repeated sigmas")
+        return replace(self, sigmas=self.sigmas[keep])
+
     def tail(self, start: int) -> "SigmaPlan":
         """The plan from step ``start`` on (img2img); its ``init_noise_sigma`` is its first
         sigma (the clean latent is noised to ``x0 + sigmas[0] * noise``)."""
@@ -260,6 +275,10 @@ PLAN_KINDS = {
     "pndm": "PNDMScheduler (skip_prk_steps=True, i.e. PLMS)",
     "euler": "EulerDiscreteScheduler / EulerAncestralDiscreteScheduler / HeunDiscreteScheduler / LMSDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler / UniPCMultistepScheduler",
+    "kdpm2": "KDPM2DiscreteScheduler",
+    "kdpm2_a": "KDPM2AncestralDiscreteScheduler",
+    "deis": "DEISMultistepScheduler",
+    "dpm_sde": "DPMSolverSDEScheduler",
 }
 
 #: A1111's schedule types for the k-samplers (id -> display name).  ``None`` is each sampler's own
@@ -279,7 +298,7 @@ def check_sigma_schedule(name: str | None) -> str | None:
     if key in SIGMA_SCHEDULES:
         return key
     valid = ", ".join(repr(k) for k in SIGMA_SCHEDULES)
-    raise ValueError(f"unknown schedule type {name!r}; valid: {valid} (or 'automatic')")
+    raise BadArgument(f"unknown schedule type {name!r}; valid: {valid} (or 'automatic')")
 
 
 def img2img_start(steps: int, strength: float) -> int:
@@ -289,6 +308,45 @@ def img2img_start(steps: int, strength: float) -> int:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     init_timestep = min(int(steps * strength), steps)
     return max(steps - init_timestep, 0)
+
+
+def kdpm2_step_levels(sigma: Tensor, sigma_next: Tensor, ancestral: bool = False, *,
+                      exact_mid: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sigma_mid, sigma_up, sigma_down)`` of one KDPM2 step from ``sigma`` to ``sigma_next``
+    (0-d tensors; float32 in plans).
+
+    DPM2 (diffusers' KDPM2DiscreteScheduler) lands at ``sigma_down = sigma_next`` with no noise
+    (``sigma_up = 0``); DPM2 a (KDPM2AncestralDiscreteScheduler) lands at
+    ``sigma_down = sqrt(s'^2 - sigma_up^2)`` and adds noise of std
+    ``sigma_up = sqrt(s'^2 (s^2 - s'^2) / s^2)``.  ``sigma_mid``, where the second model call
+    is made, is the geometric mean of ``sigma`` and ``sigma_down``, computed in diffusers'
+    operation order (``exp(lerp(log a, log b, 0.5))`` with the lower level first for DPM2, the
+    upper first for DPM2 a), so it equals its ``sigmas_interpol`` to the bit.  Except with
+    ``exact_mid``, DPM2 a's is moved one float32 ulp up where it rounds to ``sigma_next``: it is
+    ``sqrt(s * s'^2 / s) = s'`` in exact arithmetic, and diffusers feeds that call and the next
+    step's first call different timesteps, which the plan's ``{sigma: timestep}`` table can then
+    tell apart (a 6e-8 relative change of that level).  A step to sigma 0 has ``sigma_mid = 0``:
+    its first-order part already lands at x0, no second call."""
+    zero = torch.zeros_like(sigma)
+    if float(sigma_next) == 0:
+        return zero, zero, zero
+    if not ancestral:
+        return sigma_next.log().lerp(sigma.log(), 0.5).exp(), zero, sigma_next
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    sigma_mid = sigma.log().lerp(sigma_down.log(), 0.5).exp()
+    if not exact_mid and sigma_mid == sigma_next:
+        sigma_mid = torch.nextafter(sigma_mid, sigma)
+    return sigma_mid, sigma_up, sigma_down
+
+
+def sde_midpoint_sigma(sigma: Tensor, sigma_next: Tensor, r: float = 0.5) -> Tensor:
+    """The level between ``sigma`` and ``sigma_next`` (0-d tensors, both > 0) where DPM++ SDE makes
+    its second model call: ``exp(-(t + r (t' - t)))`` with ``t = -log sigma``, in the sigmas'
+    dtype with the operations diffusers' DPMSolverSDEScheduler and k-diffusion's
+    ``sample_dpmpp_sde`` use, so a plan's table and the sampler agree to the bit."""
+    t, t_next = sigma.log().neg(), sigma_next.log().neg()
+    return (t + (t_next - t) * r).neg().exp()
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -409,6 +467,9 @@ class NoiseSchedule:
                 ts = _np_linspace(0, T - 1, steps + 1).round().flip(0)[:-1]
             elif sp == "leading":
                 ratio = T // (steps + 1)
+                if ratio == 0:  # every timestep would be steps_offset
+                    raise ValueError(f"{steps} steps with 'leading' spacing put every step at one timestep: "
+                                     f"this sampler takes at most {T - 1} steps with it (or use another spacing)")
                 ts = (torch.arange(0, steps + 1, dtype=torch.float64) * ratio).flip(0)[:-1] + cfg.steps_offset
             else:
                 ts = _trailing(T, steps)
@@ -423,6 +484,9 @@ class NoiseSchedule:
             ts = (torch.arange(0, steps, dtype=torch.float64) * ratio).flip(0) + cfg.steps_offset
         else:
             ts = _trailing(T, steps)
+        if style == "discrete" and int(ts.max()) > T - 1:  # diffusers: an IndexError
+            raise ValueError(f"{steps} steps with {sp!r} spacing and steps_offset {cfg.steps_offset} reach timestep "
+                             f"{int(ts.max())}, past the schedule's last ({T - 1}): use fewer steps or another spacing")
         return ts.long() if style == "discrete" else ts.float()
 
     def _sigmas_at(self, ts: Tensor) -> Tensor:
@@ -473,6 +537,12 @@ class NoiseSchedule:
             plan = self._plan_pndm(steps)
         elif kind == "euler":
             plan = self._plan_euler(steps, sigma_schedule)
+        elif kind in ("kdpm2", "kdpm2_a"):
+            plan = self._plan_kdpm2(steps, sigma_schedule, ancestral=kind == "kdpm2_a")
+        elif kind == "deis":
+            plan = self._plan_deis(steps, sigma_schedule)
+        elif kind == "dpm_sde":
+            plan = self._plan_dpm_sde(steps, sigma_schedule)
         else:
             plan = self._plan_dpm(steps, sigma_schedule)
         plan.kind = kind
@@ -601,6 +671,91 @@ class NoiseSchedule:
             sig = self._sigmas_at(ts)
         sig = torch.cat([sig.float(), torch.zeros(1)])
         return SigmaPlan(sig, self._vp_init(float(sig[0])), True, {}, timesteps=_timestep_table(sig[:-1], ts))
+
+    def _plan_kdpm2(self, steps: int, sigma_schedule: str | None, ancestral: bool) -> SigmaPlan:
+        """KDPM2DiscreteScheduler / KDPM2AncestralDiscreteScheduler: the Euler family's sigmas and
+        spans, a final 0, Karras timesteps rounded (as these two classes do).  The table also
+        lists each step's midpoint (:func:`kdpm2_step_levels`) with the timestep diffusers feeds
+        there: its ``_sigma_to_t`` run on float32 tensors (:meth:`_sigma_to_t_float32`)."""
+        ts = self.timesteps(steps, "continuous")
+        sig = self._sigmas_at(ts)
+        if sigma_schedule is not None:
+            sig = self._scheduled_sigmas(steps, sigma_schedule, float(sig[-1]), float(sig[0]))
+            ts = self.sigma_to_t(sig, dtype=torch.float64)
+            if sigma_schedule == "karras":
+                ts = ts.round()
+        sig = torch.cat([sig.float(), torch.zeros(1)])
+        keys, exact = (torch.stack([kdpm2_step_levels(sig[i], sig[i + 1], ancestral, exact_mid=e)[0]
+                                    for i in range(steps)]) for e in (False, True))
+        called = keys > 0  # (steps,): the last step makes no midpoint call
+        mid_table = _timestep_table(keys[called], self._sigma_to_t_float32(exact[called]))
+        # the steps' own sigmas win a (degenerate) tie with the midpoint of two equal sigmas
+        table = {**mid_table, **_timestep_table(sig[:-1], ts)}
+        return SigmaPlan(sig, self._euler_init(float(sig[0])), False, {}, timesteps=table)
+
+    def _sigma_to_t_float32(self, sigma: Tensor) -> Tensor:
+        """:meth:`sigma_to_t` of a 1-D float32 tensor as diffusers' ``_sigma_to_t`` computes it when
+        handed torch float32 tensors (KDPM2's midpoint timesteps): numpy's float32 log of the
+        input, then float32 arithmetic on the float32 log table."""
+        log_sigma = torch.from_numpy(np.log(sigma.float().numpy()))
+        ls = self.log_sigmas.float()
+        low = (torch.searchsorted(ls, log_sigma, right=True) - 1).clamp(0, len(ls) - 2)
+        lo, hi = ls[low], ls[low + 1]
+        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        return (1 - w) * low + w * (low + 1)
+
+    def _plan_deis(self, steps: int, sigma_schedule: str | None) -> SigmaPlan:
+        """DEISMultistepScheduler: DPM-Solver's ``steps + 1``-point spacing, but the run ends at
+        sigma(t=0), not 0.  Schedule types span the training sigmas with rounded timesteps
+        (exponential ones truncated: diffusers' int64 cast); Karras / exponential runs end on
+        their own last sigma, repeated: diffusers' last step is then a no-op after a wasted model
+        call (mirrored).  Deviation: with one step that would return the starting noise, so the
+        step goes to sigma(t=0) instead, as "sgm_uniform" (no diffusers reference) always does.
+        ``lower_order_final`` is diffusers' rule on the whole run (fewer than 15 steps), kept by
+        img2img tails."""
+        last = self.sigmas[:1]
+        if sigma_schedule is None:
+            T = self.config.num_train_timesteps
+            if self.config.timestep_spacing == "leading" and T // (steps + 1) == 0:
+                raise ValueError(f"DEIS with 'leading' timestep spacing takes at most {T - 1} steps (got {steps}): "
+                                 f"its spacing T // (steps + 1) would put every step at one timestep")
+            ts = self.timesteps(steps, "multistep")
+            sig = self._sigmas_at(ts)
+        else:
+            sig = self._scheduled_sigmas(steps, sigma_schedule)
+            t64 = self.sigma_to_t(sig, dtype=torch.float64)
+            ts = t64.trunc() if sigma_schedule == "exponential" else t64.round()
+            if steps > 1 and sigma_schedule != "sgm_uniform":
+                last = sig[-1:].float()
+        sig = torch.cat([sig.float(), last])
+        return SigmaPlan(sig, self._vp_init(float(sig[0])), True, {"lower_order_final": steps < 15},
+                         timesteps=_timestep_table(sig[:-1], ts))
+
+    def _plan_dpm_sde(self, steps: int, sigma_schedule: str | None) -> SigmaPlan:
+        """DPMSolverSDEScheduler: the Euler family's spacing, but "linspace" timesteps in float64
+        (its ``np.linspace(..., dtype=float)``), sigmas interpolated at them, a final 0; Karras /
+        exponential sigmas span the first and last spaced sigmas.  Its doubled list is these
+        sigmas with a second model call per step at :func:`sde_midpoint_sigma`, which the table
+        lists with diffusers' ``_second_order_timesteps`` (float64 log-midpoints of the float64
+        sigmas).  ``brownian_range`` is the whole schedule's (smallest positive, largest) sigma,
+        the interval diffusers' (and A1111's) Brownian tree spans, also for an img2img tail."""
+        ts = self.timesteps(steps, "continuous")
+        if self.config.timestep_spacing == "linspace":
+            ts = _np_linspace(0, self.config.num_train_timesteps - 1, steps).flip(0)
+        sig = self._sigmas_at(ts.double())
+        if sigma_schedule is not None:
+            sig = self._scheduled_sigmas(steps, sigma_schedule, float(sig[-1]), float(sig[0]))
+            ts = self.sigma_to_t(sig, dtype=torch.float64)
+        t = -sig.log()
+        mid_ts = self.sigma_to_t((-(t[:-1] + (t[1:] - t[:-1]) * 0.5)).exp(), dtype=torch.float64)
+        sig = torch.cat([sig.float(), torch.zeros(1)])
+        table = _timestep_table(sig[:-1], ts)
+        if steps > 1:  # (steps - 1,) midpoints: the last step, to sigma 0, makes no second call
+            mids = torch.stack([sde_midpoint_sigma(sig[i], sig[i + 1]) for i in range(steps - 1)])
+            # the steps' own sigmas win a (degenerate) tie with the midpoint of two equal sigmas
+            table = {**_timestep_table(mids, mid_ts), **table}
+        options = {"brownian_range": (float(sig[:-1].min()), float(sig.max()))}
+        return SigmaPlan(sig, self._euler_init(float(sig[0])), False, options, timesteps=table)
 
 
 def _timestep_table(sigmas: Tensor, timesteps: Tensor) -> dict[float, float]:

@@ -13,15 +13,17 @@ Every sampler has the signature::
   element i is ``torch.randn((1, *x.shape[1:]), generator=generator[i])`` (float32 on a CPU
   generator's device, then moved to x's device/dtype); with one generator the whole batch is
   drawn at once.  This is exactly diffusers' ``randn_tensor``, so stochastic samplers draw
-  the same numbers in the same order as diffusers' schedulers.
+  the same numbers in the same order as diffusers' schedulers.  DPM++ SDE draws from Brownian
+  trees instead, one per element seeded with ``generator[i].initial_seed()`` (A1111's
+  seeding; :class:`~latentdiff.samplers.sde.BrownianNoise`).
 * ``callback(step, total, x0_pred)`` is called after each step; returning True cancels the
   run by raising :class:`SamplingCancelled`.
 
-diffusers' discrete VP schedulers (DDIM, DDPM, PNDM, DPM-Solver, UniPC) are reproduced here by
+diffusers' discrete VP schedulers (DDIM, DDPM, PNDM, DPM-Solver, UniPC, DEIS) are reproduced here by
 their exact sigma-space equivalents: dividing a VP update by sqrt(abar) of its target level
 turns it into an update of ``x = x_vp / sqrt(abar)``; e.g. DDIM (eta=0) and PLMS's
 "transfer" are Euler steps on eps, DDPM and DDIM(eta=1) are the ancestral (Euler a) step,
-DPM-Solver++/UniPC become their k-diffusion forms.  With the plans of
+DPM-Solver++/UniPC become their k-diffusion forms, DEIS an Adams method in sigma.  With the plans of
 :meth:`latentdiff.schedule.NoiseSchedule.plan`, results equal diffusers' within float
 rounding; places where diffusers has a quirk are documented on the function that mirrors it.
 
@@ -32,9 +34,11 @@ AUTOMATIC1111 display names.
 from __future__ import annotations
 
 from .base import SamplingCancelled, randn_like, vp_denoiser
+from .dpm2 import sample_dpm2, sample_dpm2_ancestral
 from .k import lms_coefficient, sample_euler, sample_euler_ancestral, sample_heun, sample_lms
-from .multistep import sample_dpmpp_2m, sample_unipc
+from .multistep import deis_coefficient, sample_deis, sample_dpmpp_2m, sample_unipc
 from .registry import SAMPLERS, SamplerSpec, get_sampler
+from .sde import BrownianNoise, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from .vp import sample_ddim, sample_ddpm, sample_plms
 
 __all__ = [
@@ -53,5 +57,13 @@ __all__ = [
     "sample_lms",
     "sample_dpmpp_2m",
     "sample_unipc",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_sde",
+    "sample_dpmpp_2s_ancestral",
+    "BrownianNoise",
+    "sample_dpm2",
+    "sample_dpm2_ancestral",
+    "sample_deis",
+    "deis_coefficient",
     "lms_coefficient",
 ]
