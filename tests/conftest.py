@@ -104,17 +104,26 @@ def tiny_diffusers_pipeline(tokenizer_dir: Path, unet_in_channels: int = 4):
     return cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def save_with_sd15_scheduler(pipe, folder: Path) -> Path:
+    """save_pretrained, then SD 1.5's own scheduler_config.json verbatim (a PNDMScheduler config
+    naming no timestep_spacing), as real SD 1.5 folders carry it."""
+    import json
+
+    from latentdiff.schedule import SD15_SCHEDULER_CONFIG
+
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG, indent=2))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def diffusers_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny SD pipeline saved by diffusers' own save_pretrained (safetensors)."""
-    folder = tmp_path_factory.mktemp("sd-tiny")
-    tiny_diffusers_pipeline(tokenizer_dir).save_pretrained(folder, safe_serialization=True)
-    return folder
+    """A tiny SD pipeline saved by diffusers' own save_pretrained (safetensors), SD 1.5's scheduler config."""
+    return save_with_sd15_scheduler(tiny_diffusers_pipeline(tokenizer_dir), tmp_path_factory.mktemp("sd-tiny"))
 
 
 @pytest.fixture(scope="session")
 def diffusers_inpaint_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny 9-channel inpainting pipeline saved by diffusers."""
-    folder = tmp_path_factory.mktemp("sd-tiny-inpaint")
-    tiny_diffusers_pipeline(tokenizer_dir, unet_in_channels=9).save_pretrained(folder, safe_serialization=True)
-    return folder
+    """A tiny 9-channel inpainting pipeline saved by diffusers, SD 1.5's scheduler config."""
+    return save_with_sd15_scheduler(tiny_diffusers_pipeline(tokenizer_dir, unet_in_channels=9),
+                                    tmp_path_factory.mktemp("sd-tiny-inpaint"))

@@ -8,9 +8,13 @@
     pipe.save("out_folder")                                        # or "model.safetensors"
 """
 
+from . import budget
 from .checkpoints.errors import CheckpointError
+from .errors import BadArgument, BadFile, BadModel, OutOfBudget, UserError
 from .loading import load, load_component
 from .pipeline import Pipeline
+from .settings import GenerationOptions
 
-__all__ = ["CheckpointError", "Pipeline", "load", "load_component"]
+__all__ = ["BadArgument", "BadFile", "BadModel", "CheckpointError", "GenerationOptions", "OutOfBudget", "Pipeline",
+           "UserError", "budget", "load", "load_component"]
 __version__ = "0.1.0"

@@ -2,20 +2,26 @@
 
 Every application runs the same numbered steps (diffusers' structure):
 
-    1. check inputs              (sizes, strength, sampler, mask)
+    1. check inputs              (:func:`latentdiff.settings.resolve`; images and masks here)
     2. encode the prompts        (positive and negative, same chunk count)
     3. prepare the start latent  (pure noise, or the image's latent noised to the start level)
     4. denoise                   (sampler over the CFG-wrapped UNet; inpainting hooks in here)
-    5. decode                    (NaN fallback to float32, optional tiling) -> PIL images
+    5. decode                    (float32 copy of a half VAE for force_upcast or a NaN) -> PIL images
 
-Seeds: image ``i`` of a call uses its own ``torch.Generator("cpu").manual_seed(seed + i)``.
+Precision: latents and every sampler state are float32 whatever the networks' dtype; the
+UNet and the VAE cast at their boundary.  Nothing here mutates the pipeline or its modules,
+so threads may share one :class:`~latentdiff.pipeline.Pipeline`.
+
+Seeds: image ``i`` of a call uses its own ``torch.Generator("cpu").manual_seed(seeds[i])``.
 Each generator serves that image's random draws in diffusers' order, so a seed
 gives the same image as diffusers with a list of CPU generators, on any device:
   - txt2img: the initial noise ``torch.randn((1, C, h, w))``, then the sampler's noise;
   - img2img: the posterior sample of the encoded image, then the noise, then the sampler's;
   - inpaint: (4-channel model or strength < 1: the image's posterior sample), the noise,
     the masked image's posterior sample, then the sampler's noise.
-Noise is drawn in float32 on the CPU and then cast and moved.
+Noise is drawn in float32 on the CPU and then moved.  Each distinct input image is encoded once
+per call; the per-image posterior samples are drawn from that one encoding.  Variation seeds
+blend the initial noise as A1111 does (:func:`latentdiff.settings.variation_noise`).
 
 Inpainting with a 4-channel model (blended latent diffusion) replaces, after
 every sampler step, the latents outside the mask by the original image's latents
@@ -29,6 +35,7 @@ of a batch draws from its own generator, so it is; a batch of one equals diffuse
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,114 +48,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .samplers import SamplerSpec, get_sampler, vp_denoiser
+from . import budget
+from .errors import BadArgument
+from .models.vae import AutoencoderKL, DiagonalGaussian
+from .samplers import vp_denoiser
 from .schedule import SigmaPlan
+from .settings import Settings, variation_noise
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 StepCallback = Callable[[int, int, Tensor], Any]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What every application shares; also what the PNG ``parameters`` chunk records."""
-
-    prompts: list[str]
-    negative_prompts: list[str]
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    sampler: SamplerSpec
-    seed: int
-    images_per_prompt: int = 1
-    eta: float = 0.0
-    clip_skip: int = 1
-    strength: float | None = None
-    seeds: tuple[int, ...] | None = None  # explicit per-image seeds (e.g. a shard of a larger run)
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts) * self.images_per_prompt
-
-    def seed_of(self, index: int) -> int:
-        """The seed of image ``index``: ``seed + index``, or ``seeds[index]`` when given."""
-        return self.seeds[index] if self.seeds is not None else self.seed + index
-
-    def infotext(self, index: int, model: str) -> str:
-        """AUTOMATIC1111's ``parameters`` text for image ``index`` of this call."""
-        prompt = self.prompts[index // self.images_per_prompt]
-        negative = self.negative_prompts[index // self.images_per_prompt]
-        fields = [
-            f"Steps: {self.steps}",
-            f"Sampler: {self.sampler.name}",
-            f"CFG scale: {self.guidance_scale:g}",
-            f"Seed: {self.seed_of(index)}",
-            f"Size: {self.width}x{self.height}",
-        ]
-        if model:
-            fields.append(f"Model: {model}")
-        if self.strength is not None:
-            fields.append(f"Denoising strength: {self.strength:g}")
-        if self.eta and self.sampler.id == "ddim":
-            fields.append(f"Eta: {self.eta:g}")
-        if self.clip_skip != 1:
-            fields.append(f"Clip skip: {self.clip_skip}")
-        lines = [prompt]
-        if negative:
-            lines.append(f"Negative prompt: {negative}")
-        lines.append(", ".join(fields))
-        return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- step 1
-def make_settings(
-    pipe: Pipeline,
-    prompts: str | Sequence[str],
-    negative_prompt: str | Sequence[str],
-    width: int,
-    height: int,
-    steps: int,
-    guidance_scale: float,
-    sampler: str,
-    seed: int,
-    images_per_prompt: int,
-    eta: float,
-    clip_skip: int,
-    strength: float | None = None,
-) -> Settings:
-    """Check every argument up front and name the one that is wrong."""
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
-        raise ValueError("prompts must be a string or a non-empty list of strings")
-    negatives = [negative_prompt] * len(prompt_list) if isinstance(negative_prompt, str) else list(negative_prompt)
-    if len(negatives) != len(prompt_list):
-        raise ValueError(f"got {len(negatives)} negative prompts for {len(prompt_list)} prompts")
-    factor = pipe.vae_factor
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value <= 0 or value % factor:
-            raise ValueError(f"{name} {value} is not a positive multiple of the VAE factor {factor}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
-    if images_per_prompt < 1:
-        raise ValueError(f"images_per_prompt must be at least 1, got {images_per_prompt}")
-    if strength is not None and not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    layers = pipe.text_encoder.config.num_hidden_layers
-    if not 1 <= clip_skip <= layers:
-        raise ValueError(f"clip_skip must be in [1, {layers}], got {clip_skip}")
-    return Settings(
-        prompt_list, negatives, width, height, steps, float(guidance_scale), get_sampler(sampler),
-        int(seed), images_per_prompt, float(eta), clip_skip, strength,
-    )
-
-
-def generators_for(settings: Settings) -> list[torch.Generator]:
-    """One CPU generator per image: image i is seeded with seed + i (or its explicit seed)."""
-    if settings.seeds is not None and len(settings.seeds) != settings.batch:
-        raise ValueError(f"got {len(settings.seeds)} seeds for {settings.batch} images")
-    return [torch.Generator("cpu").manual_seed(settings.seed_of(i)) for i in range(settings.batch)]
+#: txt2img/img2img/inpaint return PIL images, or the final scaled latents with output_type="latent"
+Output = list[Image.Image] | Tensor
 
 
 # ----------------------------------------------------------------------------- step 2
@@ -164,14 +76,15 @@ class Conditioning:
 
 def encode_prompts(pipe: Pipeline, settings: Settings) -> Conditioning:
     """Text embeddings for each image of the batch (prompt-major, as diffusers repeats them)."""
-    cond = pipe.encode_prompt(settings.prompts, clip_skip=settings.clip_skip)
+    prompts, negatives = list(settings.prompts), list(settings.negative_prompts)
+    cond = pipe.encode_prompt(prompts, clip_skip=settings.clip_skip)
     uncond = None
     if settings.guidance_scale > 1.0:
         length = pipe.tokenizer.model_max_length
         chunks = cond.shape[1] // length
-        uncond = pipe.encode_prompt(settings.negative_prompts, clip_skip=settings.clip_skip, min_chunks=chunks)
+        uncond = pipe.encode_prompt(negatives, clip_skip=settings.clip_skip, min_chunks=chunks)
         if uncond.shape[1] > cond.shape[1]:  # a negative prompt longer than the prompt
-            cond = pipe.encode_prompt(settings.prompts, clip_skip=settings.clip_skip, min_chunks=uncond.shape[1] // length)
+            cond = pipe.encode_prompt(prompts, clip_skip=settings.clip_skip, min_chunks=uncond.shape[1] // length)
         uncond = uncond.repeat_interleave(settings.images_per_prompt, dim=0).to(pipe.dtype)
     cond = cond.repeat_interleave(settings.images_per_prompt, dim=0).to(pipe.dtype)
     return Conditioning(cond, uncond)
@@ -181,6 +94,13 @@ def encode_prompts(pipe: Pipeline, settings: Settings) -> Conditioning:
 def draw_noise(shape: tuple[int, ...], generators: Sequence[torch.Generator]) -> Tensor:
     """(B, *shape[1:]) standard normal noise, image i drawn from generators[i] as (1, ...) float32 on CPU."""
     return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
+
+
+def initial_noise(pipe: Pipeline, settings: Settings, generators: Sequence[torch.Generator]) -> Tensor:
+    """The start noise (B, C, h, w) float32 on the pipeline's device, variation seeds applied."""
+    h, w = settings.height // pipe.vae_factor, settings.width // pipe.vae_factor
+    noise = draw_noise((settings.batch, pipe.vae.config.latent_channels, h, w), generators)
+    return variation_noise(noise, settings).to(pipe.device)
 
 
 def pil_to_tensor(image: Image.Image, width: int, height: int) -> Tensor:
@@ -201,29 +121,58 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int) -> Tensor:
     return (torch.from_numpy(array) >= 0.5).float()[None, None]
 
 
-def encode_images(pipe: Pipeline, images: Tensor, generators: Sequence[torch.Generator], tiled: bool = False) -> Tensor:
-    """Scaled latents of images (B, 3, H, W): a posterior sample per image, from its own generator."""
+def check_image(name: str, image: object) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise BadArgument(f"{name} must be a PIL image, got {type(image).__name__}")
+    return image
+
+
+def vae_for(pipe: Pipeline) -> AutoencoderKL:
+    """The VAE to run: the pipeline's own, or a float32 copy of a float16 VAE whose config asks
+    for ``force_upcast`` (the shared module is never cast)."""
     vae = pipe.vae
-    latents = []
-    for i, g in enumerate(generators):
-        image = images[i : i + 1].to(pipe.device, vae_dtype(pipe))
-        posterior = vae.encode_tiled(image) if tiled else vae.encode(image)
-        latents.append(posterior.sample(g))
-    return vae.scale_latents(torch.cat(latents).to(pipe.dtype))
+    if vae_dtype(vae) == torch.float16 and vae.config.force_upcast:
+        return float32_copy(vae)
+    return vae
 
 
-def vae_dtype(pipe: Pipeline) -> torch.dtype:
-    return next(pipe.vae.parameters()).dtype
+def float32_copy(vae: AutoencoderKL) -> AutoencoderKL:
+    return copy.deepcopy(vae).float()
+
+
+def encode_image(pipe: Pipeline, vae: AutoencoderKL, pixels: Tensor, tiled: bool) -> DiagonalGaussian:
+    """The posterior of one image (1, 3, H, W), encoded once."""
+    image = pixels.to(pipe.device, vae_dtype(vae))
+    return vae.encode_tiled(image) if tiled else vae.encode(image)
+
+
+def sample_latents(vae: AutoencoderKL, posterior: DiagonalGaussian, generators: Sequence[torch.Generator]) -> Tensor:
+    """Scaled float32 latents (B, C, h, w): one posterior sample per generator (each draws
+    ``(1, C, h, w)`` as diffusers' encoder of a single image does)."""
+    return vae.scale_latents(torch.cat([posterior.sample(g) for g in generators]).float())
+
+
+def skip_posterior_draw(shape: tuple[int, int, int], dtype: torch.dtype, generators: Sequence[torch.Generator]) -> None:
+    """Advance each generator exactly as a posterior sample of latent ``shape`` (C, h, w) in
+    ``dtype`` would, without running the encoder: keeps the random order of diffusers'
+    inpainting, which encodes a masked image that blended inpainting never uses."""
+    for g in generators:
+        torch.randn((1, *shape), generator=g, dtype=dtype)
+
+
+def vae_dtype(vae: AutoencoderKL) -> torch.dtype:
+    return next(vae.parameters()).dtype
 
 
 # ----------------------------------------------------------------------------- step 4
 def guided_model(pipe: Pipeline, conditioning: Conditioning, guidance_scale: float, extra: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
-    """The UNet as ``eps(x_vp, t)``, with classifier-free guidance and extra input channels (inpainting)."""
+    """The UNet as ``eps(x_vp, t)``, with classifier-free guidance and extra input channels
+    (inpainting).  Input is cast to the UNet's dtype, output back to float32."""
 
     def model(x_vp: Tensor, t: Tensor) -> Tensor:
         x_in = x_vp.to(pipe.dtype)
         if extra is not None:
-            x_in = torch.cat([x_in, extra], dim=1)  # (B, 4 + 1 + 4, h, w) for 9-channel inpainting
+            x_in = torch.cat([x_in, extra.to(pipe.dtype)], dim=1)  # (B, 4 + 1 + 4, h, w) for 9-channel inpainting
         t = t.reshape(-1).expand(x_in.shape[0]) if t.numel() == 1 else t
         if not conditioning.guided:
             return pipe.unet(x_in, t, conditioning.cond).to(x_vp.dtype)
@@ -243,6 +192,18 @@ class KnownRegion:
     noise: Tensor  # (B, 4, h, w) the noise the run started from
 
 
+def plan_for(pipe: Pipeline, settings: Settings, strength: float | None) -> SigmaPlan:
+    """The sampler's plan on the pipeline's schedule (the img2img tail for a ``strength``)."""
+    sampler = settings.sampler
+    try:
+        plan = sampler.plan(sampler.schedule(pipe.schedule), settings.steps, strength=strength)
+    except ValueError as err:  # steps vs spacing, strength leaving no step, ...
+        raise BadArgument(str(err)) from None
+    if plan.steps < 1:
+        raise BadArgument(f"strength {strength} with {settings.steps} steps leaves no step to run")
+    return plan
+
+
 def denoise(
     pipe: Pipeline,
     settings: Settings,
@@ -253,7 +214,7 @@ def denoise(
     callback: StepCallback | None,
     known: KnownRegion | None = None,
 ) -> Tensor:
-    """Run the sampler from x (sigma space, at plan.sigmas[0]) and return VP latents (B, 4, h, w).
+    """Run the sampler from x (float32, sigma space, at plan.sigmas[0]); return float32 VP latents (B, 4, h, w).
 
     ``known`` turns on blended inpainting: after every step the latents outside the
     mask are replaced by the original image's latents noised to the level just
@@ -277,34 +238,34 @@ def denoise(
             return known.keep * target + (1 - known.keep) * x
 
     x = settings.sampler(
-        denoiser, x, plan.sigmas, generator=list(generators), callback=callback, post_step=post_step, **options
+        denoiser, x.float(), plan.sigmas, generator=list(generators), callback=callback, post_step=post_step, **options
     )
     return plan.to_vp(x)
 
 
 # ----------------------------------------------------------------------------- step 5
+@torch.no_grad()
 def decode(pipe: Pipeline, latents: Tensor, tiled: bool = False) -> Tensor:
-    """VP latents -> images (B, 3, H, W) in [-1, 1].
+    """Scaled VP latents -> float32 images (B, 3, H, W) in [-1, 1].
 
-    A decode that produced NaN or inf (the known float16 "black image" failure) is
-    redone in float32, with a warning, and the VAE stays in float32 afterwards.
+    A half-precision VAE whose config sets ``force_upcast`` decodes with a float32 copy; a
+    decode that still produced NaN or inf (the known float16 "black image" failure) is redone
+    with a float32 copy, with a warning.  The pipeline's VAE is never cast.
     """
-    vae = pipe.vae
 
-    def run() -> Tensor:
-        z = vae.unscale_latents(latents.to(vae_dtype(pipe)))
+    def run(vae: AutoencoderKL) -> Tensor:
+        z = vae.unscale_latents(latents.to(vae_dtype(vae)))
         return vae.decode_tiled(z) if tiled else vae.decode(z)
 
-    images = run()
+    vae = vae_for(pipe)
+    images = run(vae)
     if not torch.isfinite(images).all():
-        if vae_dtype(pipe) == torch.float32:
-            raise FloatingPointError("VAE decoding produced NaN/inf even in float32")
-        warnings.warn(
-            f"VAE decoding in {vae_dtype(pipe)} produced NaN/inf; decoding again in float32 "
-            "(the VAE is kept in float32 from now on)", RuntimeWarning, stacklevel=3,
-        )
-        vae.to(torch.float32)
-        images = run()
+        if vae_dtype(vae) == torch.float32:
+            raise FloatingPointError("VAE decoding produced NaN/inf even in float32: the model's weights or "
+                                     "latents are broken")
+        warnings.warn(f"VAE decoding in {vae_dtype(vae)} produced NaN/inf; decoded again with a float32 copy",
+                      RuntimeWarning, stacklevel=3)
+        images = run(float32_copy(vae))
     return images.float()
 
 
@@ -314,102 +275,102 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
 
-def finish(pipe: Pipeline, settings: Settings, images: Tensor) -> list[Image.Image]:
-    """PIL images carrying their A1111 ``parameters`` text in ``image.info``."""
+def finish(pipe: Pipeline, settings: Settings, latents: Tensor, pixels: Tensor | None = None,
+           repaint: Tensor | None = None) -> Output:
+    """Decode (unless ``output_type="latent"``), paste kept pixels back, attach the infotext."""
+    if settings.output_type == "latent":
+        return latents
+    images = decode(pipe, latents, settings.vae_tiling)
+    if repaint is not None and pixels is not None:
+        images = repaint.to(images) * images + (1 - repaint.to(images)) * pixels.to(images)
     out = to_pil(images)
     for i, image in enumerate(out):
-        image.info["parameters"] = settings.infotext(i, pipe.name)
+        image.info["parameters"] = settings.infotext(i)
     return out
 
 
 # ----------------------------------------------------------------------------- applications
-@torch.no_grad()
-def txt2img(pipe: Pipeline, settings: Settings, callback: StepCallback | None = None, vae_tiling: bool = False) -> list[Image.Image]:
-    generators = generators_for(settings)
-    conditioning = encode_prompts(pipe, settings)
+def start_latents(pipe: Pipeline, settings: Settings, latents: Tensor | None,
+                  generators: Sequence[torch.Generator]) -> Tensor:
+    """The unscaled start noise: ``latents`` when given (diffusers' ``latents=``, no draw), else drawn."""
+    if latents is None:
+        return initial_noise(pipe, settings, generators)
     h, w = settings.height // pipe.vae_factor, settings.width // pipe.vae_factor
-    plan = settings.sampler.plan(settings.sampler.schedule(pipe.schedule), settings.steps)
-    noise = draw_noise((settings.batch, pipe.vae.config.latent_channels, h, w), generators)
-    x = noise.to(pipe.device, pipe.dtype) * plan.init_noise_sigma
-    model = guided_model(pipe, conditioning, settings.guidance_scale)
-    latents = denoise(pipe, settings, plan, x, model, generators, callback)
-    return finish(pipe, settings, decode(pipe, latents, vae_tiling))
-
-
-def start_from_image(pipe: Pipeline, plan: SigmaPlan, image_latents: Tensor, generators: Sequence[torch.Generator]) -> tuple[Tensor, Tensor]:
-    """Noise the image's latents to the plan's first level: returns (x in sigma space, the noise)."""
-    noise = draw_noise(tuple(image_latents.shape), generators).to(pipe.device, pipe.dtype)
-    return image_latents + float(plan.sigmas[0]) * noise, noise
-
-
-def plan_for(pipe: Pipeline, settings: Settings, strength: float | None) -> SigmaPlan:
-    plan = settings.sampler.plan(settings.sampler.schedule(pipe.schedule), settings.steps, strength=strength)
-    if plan.steps < 1:
-        raise ValueError(f"strength {strength} with {settings.steps} steps leaves no step to run")
-    return plan
+    shape = (settings.batch, pipe.vae.config.latent_channels, h, w)
+    if not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
+        got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+        raise BadArgument(f"latents must be a tensor of shape {shape}, got {got}")
+    if not latents.is_floating_point() or not torch.isfinite(latents).all():
+        raise BadArgument("latents must be finite floating-point numbers")
+    return latents.to(pipe.device, torch.float32)
 
 
 @torch.no_grad()
-def img2img(pipe: Pipeline, settings: Settings, image: Image.Image, callback: StepCallback | None = None, vae_tiling: bool = False) -> list[Image.Image]:
+def txt2img(pipe: Pipeline, settings: Settings, callback: StepCallback | None = None,
+            latents: Tensor | None = None) -> Output:
+    budget.check(pipe, settings)
+    plan = plan_for(pipe, settings, None)
+    generators = settings.generators()
+    conditioning = encode_prompts(pipe, settings)
+    x = start_latents(pipe, settings, latents, generators) * plan.init_noise_sigma
+    model = guided_model(pipe, conditioning, settings.guidance_scale)
+    return finish(pipe, settings, denoise(pipe, settings, plan, x, model, generators, callback))
+
+
+@torch.no_grad()
+def img2img(pipe: Pipeline, settings: Settings, image: Image.Image, callback: StepCallback | None = None) -> Output:
+    image = check_image("image", image)
+    budget.check(pipe, settings)
     strength = settings.strength if settings.strength is not None else 0.75
     plan = plan_for(pipe, settings, strength)
-    generators = generators_for(settings)
+    generators = settings.generators()
     conditioning = encode_prompts(pipe, settings)
-    pixels = pil_to_tensor(image, settings.width, settings.height).expand(settings.batch, -1, -1, -1)
-    image_latents = encode_images(pipe, pixels, generators, vae_tiling)
-    x, _ = start_from_image(pipe, plan, image_latents, generators)
+    vae = vae_for(pipe)
+    posterior = encode_image(pipe, vae, pil_to_tensor(image, settings.width, settings.height), settings.vae_tiling)
+    image_latents = sample_latents(vae, posterior, generators)
+    x = image_latents + float(plan.sigmas[0]) * initial_noise(pipe, settings, generators)
     model = guided_model(pipe, conditioning, settings.guidance_scale)
-    latents = denoise(pipe, settings, plan, x, model, generators, callback)
-    return finish(pipe, settings, decode(pipe, latents, vae_tiling))
+    return finish(pipe, settings, denoise(pipe, settings, plan, x, model, generators, callback))
 
 
 @torch.no_grad()
-def inpaint(
-    pipe: Pipeline,
-    settings: Settings,
-    image: Image.Image,
-    mask: Image.Image,
-    callback: StepCallback | None = None,
-    vae_tiling: bool = False,
-    paste_back: bool = True,
-) -> list[Image.Image]:
+def inpaint(pipe: Pipeline, settings: Settings, image: Image.Image, mask: Image.Image,
+            callback: StepCallback | None = None, paste_back: bool = True) -> Output:
+    image, mask = check_image("image", image), check_image("mask", mask)
     if mask.size != image.size:
-        raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} differs from image size {image.size[0]}x{image.size[1]}")
+        raise BadArgument(f"mask size {mask.size[0]}x{mask.size[1]} differs from image size {image.size[0]}x{image.size[1]}")
+    budget.check(pipe, settings)
     strength = settings.strength if settings.strength is not None else 1.0
     in_channels = pipe.unet.config.in_channels
     if in_channels not in (4, 9):
-        raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {in_channels}")
+        raise BadArgument(f"inpainting needs a UNet with 4 or 9 input channels, this one has {in_channels}")
     # At full strength the run starts from pure noise scaled like txt2img (diffusers' is_strength_max).
     plan = plan_for(pipe, settings, None if strength == 1.0 else strength)
-    generators = generators_for(settings)
+    generators = settings.generators()
     conditioning = encode_prompts(pipe, settings)
     batch = settings.batch
-    pixels = pil_to_tensor(image, settings.width, settings.height).expand(batch, -1, -1, -1)
-    repaint = mask_to_tensor(mask, settings.width, settings.height).expand(batch, -1, -1, -1)  # (B, 1, H, W)
+    pixels = pil_to_tensor(image, settings.width, settings.height)  # (1, 3, H, W)
+    repaint = mask_to_tensor(mask, settings.width, settings.height)  # (1, 1, H, W)
     h, w = settings.height // pipe.vae_factor, settings.width // pipe.vae_factor
-    repaint_latent = F.interpolate(repaint, size=(h, w)).to(pipe.device, pipe.dtype)  # nearest, (B, 1, h, w)
+    repaint_latent = F.interpolate(repaint, size=(h, w)).expand(batch, -1, -1, -1).to(pipe.device)  # nearest
 
-    # Start latent: pure noise at full strength (scaled like txt2img), else the noised image.
+    # Per generator, in diffusers' order: the image's posterior sample (when used), the start
+    # noise, the masked image's posterior sample (drawn without encoding when it is unused).
+    vae = vae_for(pipe)
     image_latents = None
     if in_channels == 4 or strength < 1.0:
-        image_latents = encode_images(pipe, pixels, generators, vae_tiling)
-    noise = draw_noise((batch, pipe.vae.config.latent_channels, h, w), generators).to(pipe.device, pipe.dtype)
-    if strength < 1.0:
-        x = image_latents + float(plan.sigmas[0]) * noise
-    else:
-        x = noise * plan.init_noise_sigma
-    masked_latents = encode_images(pipe, pixels * (repaint < 0.5), generators, vae_tiling)
+        image_latents = sample_latents(vae, encode_image(pipe, vae, pixels, settings.vae_tiling), generators)
+    noise = initial_noise(pipe, settings, generators)
+    x = image_latents + float(plan.sigmas[0]) * noise if strength < 1.0 else noise * plan.init_noise_sigma
+    masked = encode_image(pipe, vae, pixels * (repaint < 0.5), settings.vae_tiling) if in_channels == 9 else None
 
-    if in_channels == 9:
-        extra = torch.cat([repaint_latent, masked_latents], dim=1)  # (B, 5, h, w)
+    if masked is not None:
+        extra = torch.cat([repaint_latent, sample_latents(vae, masked, generators)], dim=1)  # (B, 5, h, w)
         model = guided_model(pipe, conditioning, settings.guidance_scale, extra=extra)
         latents = denoise(pipe, settings, plan, x, model, generators, callback)
     else:
+        skip_posterior_draw((pipe.vae.config.latent_channels, h, w), vae_dtype(vae), generators)
         model = guided_model(pipe, conditioning, settings.guidance_scale)
         known = KnownRegion(image_latents, 1 - repaint_latent, noise)
         latents = denoise(pipe, settings, plan, x, model, generators, callback, known=known)
-
-    images = decode(pipe, latents, vae_tiling)
-    if paste_back:
-        images = repaint.to(images) * images + (1 - repaint.to(images)) * pixels.to(images)
-    return finish(pipe, settings, images)
+    return finish(pipe, settings, latents, pixels if paste_back else None, repaint if paste_back else None)

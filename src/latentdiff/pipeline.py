@@ -7,9 +7,11 @@ where the three share one denoising loop), save.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,6 +19,8 @@ from torch import Tensor
 from PIL import Image
 
 from . import generate
+from .errors import BadArgument
+from .settings import GenerationOptions, Settings, resolve
 from .checkpoints import single_file
 from .checkpoints.diffusers_folder import DIFFUSERS_VERSION, KINDS, save_component
 from .checkpoints.io import write_safetensors
@@ -26,6 +30,9 @@ from .models.unet import UNet2DCondition
 from .models.vae import AutoencoderKL
 from .prompts import encode_chunks, tokenize_weighted
 from .schedule import ScheduleConfig
+
+
+_OPTION_FIELDS = {f.name for f in dataclasses.fields(GenerationOptions)}
 
 
 @dataclass
@@ -38,6 +45,8 @@ class Pipeline:
     tokenizer: CLIPTokenizer
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     name: str = ""
+    #: memory budget of a generation (bytes or "6G"; None: LATENTDIFF_MEMORY_BUDGET or 80% of free memory)
+    memory_budget: int | str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -81,94 +90,52 @@ class Pipeline:
         """The image side the model was trained at: UNet sample size x VAE factor (512 for SD 1.x)."""
         return self.unet.config.sample_size * self.vae_factor
 
-    def _settings(self, prompts, negative_prompt, width, height, steps, guidance_scale, sampler, seed,
-                  images_per_prompt, eta, clip_skip, strength=None) -> generate.Settings:
-        return generate.make_settings(
-            self, prompts, negative_prompt, width or self.native_size, height or self.native_size, steps,
-            guidance_scale, sampler, seed, images_per_prompt, eta, clip_skip, strength,
-        )
+    def settings(self, prompts: str | list[str], options: GenerationOptions | None = None, *,
+                 size: tuple[int, int] | None = None, **fields: Any) -> Settings:
+        """The validated settings a call would run with: ``options`` (default
+        :class:`GenerationOptions`) with ``fields`` (its field names) on top."""
+        options = options if options is not None else GenerationOptions()
+        if fields:
+            unknown = sorted(set(fields) - _OPTION_FIELDS)
+            if unknown:
+                raise BadArgument(f"unknown generation option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_OPTION_FIELDS))}")
+            options = dataclasses.replace(options, **fields)
+        return resolve(self, prompts, options, size=size)
 
-    def txt2img(
-        self,
-        prompts: str | list[str],
-        negative_prompt: str | list[str] = "",
-        width: int | None = None,
-        height: int | None = None,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "ddim",
-        seed: int = 0,
-        images_per_prompt: int = 1,
-        eta: float = 0.0,
-        clip_skip: int = 1,
-        callback: generate.StepCallback | None = None,
-        vae_tiling: bool = False,
-    ) -> list[Image.Image]:
-        """Text to image. Image i uses seed + i. Size defaults to the model's native size.
+    def txt2img(self, prompts: str | list[str], options: GenerationOptions | None = None, *,
+                callback: generate.StepCallback | None = None, latents: Tensor | None = None,
+                **fields: Any) -> generate.Output:
+        """Text to image: ``options`` and/or any :class:`GenerationOptions` field by name
+        (``steps=20, guidance_scale=7.5, sampler="ddim", seed=0, ...``).  Image i uses seed + i.
+        Size defaults to the model's native size.
 
         ``callback(step, total, x0_pred)`` runs after every step; returning True cancels
-        (raises :class:`latentdiff.samplers.SamplingCancelled`). Guidance <= 1 skips the
-        unconditional pass.
+        (raises :class:`latentdiff.samplers.SamplingCancelled`).  Guidance <= 1 skips the
+        unconditional pass.  ``latents`` (B, C, h, w) replaces the drawn start noise (diffusers'
+        ``latents=``).  Returns PIL images, or the final latents with ``output_type="latent"``.
         """
-        settings = self._settings(prompts, negative_prompt, width, height, steps, guidance_scale, sampler, seed,
-                                  images_per_prompt, eta, clip_skip)
-        return generate.txt2img(self, settings, callback, vae_tiling)
+        return generate.txt2img(self, self.settings(prompts, options, **fields), callback, latents)
 
-    def img2img(
-        self,
-        prompts: str | list[str],
-        image: Image.Image,
-        strength: float = 0.75,
-        negative_prompt: str | list[str] = "",
-        width: int | None = None,
-        height: int | None = None,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "ddim",
-        seed: int = 0,
-        images_per_prompt: int = 1,
-        eta: float = 0.0,
-        clip_skip: int = 1,
-        callback: generate.StepCallback | None = None,
-        vae_tiling: bool = False,
-    ) -> list[Image.Image]:
-        """SDEdit: encode ``image``, noise it to ``strength``, run the last int(steps x strength) steps.
+    def img2img(self, prompts: str | list[str], image: Image.Image, options: GenerationOptions | None = None, *,
+                callback: generate.StepCallback | None = None, **fields: Any) -> generate.Output:
+        """SDEdit: encode ``image``, noise it to ``strength`` (default 0.75), run the last
+        int(steps x strength) steps.  Size defaults to the image's own (which must then be a
+        multiple of the VAE factor)."""
+        size = image.size if isinstance(image, Image.Image) else None
+        return generate.img2img(self, self.settings(prompts, options, size=size, **fields), image, callback)
 
-        Size defaults to the image's own (which must then be a multiple of the VAE factor).
-        """
-        settings = self._settings(prompts, negative_prompt, width or image.width, height or image.height, steps,
-                                  guidance_scale, sampler, seed, images_per_prompt, eta, clip_skip, strength)
-        return generate.img2img(self, settings, image, callback, vae_tiling)
-
-    def inpaint(
-        self,
-        prompts: str | list[str],
-        image: Image.Image,
-        mask: Image.Image,
-        strength: float = 1.0,
-        negative_prompt: str | list[str] = "",
-        width: int | None = None,
-        height: int | None = None,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "ddim",
-        seed: int = 0,
-        images_per_prompt: int = 1,
-        eta: float = 0.0,
-        clip_skip: int = 1,
-        callback: generate.StepCallback | None = None,
-        vae_tiling: bool = False,
-        paste_back: bool = True,
-    ) -> list[Image.Image]:
-        """Repaint the white pixels of ``mask``, keep the black ones.
+    def inpaint(self, prompts: str | list[str], image: Image.Image, mask: Image.Image,
+                options: GenerationOptions | None = None, *, callback: generate.StepCallback | None = None,
+                paste_back: bool = True, **fields: Any) -> generate.Output:
+        """Repaint the white pixels of ``mask``, keep the black ones (``strength`` default 1).
 
         A 9-channel inpainting UNet gets mask + masked-image latents as extra input; a
         4-channel one uses blended latent diffusion. With ``paste_back`` the kept pixels
         come back exactly as they were in ``image``.
         """
-        settings = self._settings(prompts, negative_prompt, width or image.width, height or image.height, steps,
-                                  guidance_scale, sampler, seed, images_per_prompt, eta, clip_skip, strength)
-        return generate.inpaint(self, settings, image, mask, callback, vae_tiling, paste_back)
+        size = image.size if isinstance(image, Image.Image) else None
+        return generate.inpaint(self, self.settings(prompts, options, size=size, **fields), image, mask, callback,
+                                paste_back)
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         """Save as a diffusers folder (loadable by ``diffusers.StableDiffusionPipeline``),

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import BadArgument
 from .distributed import DistInfo, ProcessGroup, batches, device_for_rank, dist_info, merge_shards, shard
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -93,11 +94,11 @@ def parse_guidance(text: str) -> list[float]:
         try:
             value = float(item)
         except ValueError:
-            raise ValueError(f"--guidance: {item!r} is not a number (use e.g. 1,3,7.5)") from None
+            raise BadArgument(f"--guidance: {item!r} is not a number (use e.g. 1,3,7.5)") from None
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"--guidance: {item!r} must be a finite non-negative number")
+            raise BadArgument(f"--guidance: {item!r} must be a finite non-negative number")
         if value in values:
-            raise ValueError(f"--guidance: {item} is given twice")
+            raise BadArgument(f"--guidance: {item} is given twice")
         values.append(value)
     return values
 
@@ -115,12 +116,12 @@ def parse_samplers(text: str, default_steps: int = 20) -> list[tuple[str, int]]:
         try:
             steps = int(steps_text)
         except ValueError:
-            raise ValueError(f"--samplers: {item!r} is not SAMPLER:STEPS (e.g. ddim:20)") from None
+            raise BadArgument(f"--samplers: {item!r} is not SAMPLER:STEPS (e.g. ddim:20)") from None
         if steps < 1:
-            raise ValueError(f"--samplers: {item!r} needs at least 1 step")
+            raise BadArgument(f"--samplers: {item!r} needs at least 1 step")
         spec = get_sampler(name)
         if (spec.id, steps) in out:
-            raise ValueError(f"--samplers: {spec.id}:{steps} is given twice")
+            raise BadArgument(f"--samplers: {spec.id}:{steps} is given twice")
         out.append((spec.id, steps))
     return out
 
@@ -139,12 +140,12 @@ def parse_features(text: str) -> FeatureSpec:
     kind, sep, path = text.partition(":")
     if kind == "inception":
         if not sep or not path:
-            raise ValueError("--features inception needs the weight file: inception:PATH "
+            raise BadArgument("--features inception needs the weight file: inception:PATH "
                              "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
         if not Path(path).is_file():
-            raise ValueError(f"--features: no such Inception weight file: {path}")
+            raise BadArgument(f"--features: no such Inception weight file: {path}")
         return FeatureSpec("inception", path)
-    raise ValueError(f"unknown feature extractor {text!r}: use clip or inception:PATH")
+    raise BadArgument(f"unknown feature extractor {text!r}: use clip or inception:PATH")
 
 
 def default_cache_dir() -> Path:
@@ -197,21 +198,21 @@ def read_prompts(spec: str, n: int | None) -> tuple[list[str], bool]:
 
         total = len(held_out_prompts())
         if n is not None and not 1 <= n <= total:
-            raise ValueError(f"--n-prompts must be in 1..{total} for the built-in prompts, got {n}")
+            raise BadArgument(f"--n-prompts must be in 1..{total} for the built-in prompts, got {n}")
         return held_out_prompts(n), True
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"prompts file {spec} does not exist (or use --prompts builtin)")
+        raise BadArgument(f"prompts file {spec} does not exist (or use --prompts builtin)")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read prompts file {spec}: {err}") from None
+        raise BadArgument(f"cannot read prompts file {spec}: {err}") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise ValueError(f"prompts file {spec} holds no prompts")
+        raise BadArgument(f"prompts file {spec} holds no prompts")
     if n is not None:
         if n < 1:
-            raise ValueError(f"--n-prompts must be at least 1, got {n}")
+            raise BadArgument(f"--n-prompts must be at least 1, got {n}")
         prompts = prompts[:n]
     return prompts, False
 
@@ -223,13 +224,13 @@ def resolve_clip_folder(clip: str | None, model: str | None) -> Path:
     if clip is not None:
         folder = Path(clip)
         if not (folder / "config.json").is_file():
-            raise ValueError(f"--clip {clip} is not a CLIP model folder (no config.json)")
+            raise BadArgument(f"--clip {clip} is not a CLIP model folder (no config.json)")
         return folder
     base = Path(model) if model is not None else BUILTIN_MODEL
     if (base / "clip" / "config.json").is_file():
         return base / "clip"
     where = "the built-in model" if model is None else f"{model}"
-    raise ValueError(f"{where} has no clip/ folder: CLIP score (and --features clip) need --clip DIR")
+    raise BadArgument(f"{where} has no clip/ folder: CLIP score (and --features clip) need --clip DIR")
 
 
 def clip_display_name(folder: Path) -> str:
@@ -243,25 +244,25 @@ def check_inputs(config: EvalConfig) -> tuple[list[str], bool, FeatureSpec, Path
     prompts, builtin = read_prompts(config.prompts, config.n_prompts)
     features = parse_features(config.features)
     if not config.guidance:
-        raise ValueError("--guidance needs at least one value")
+        raise BadArgument("--guidance needs at least one value")
     if not config.samplers:
-        raise ValueError("--samplers needs at least one SAMPLER:STEPS")
+        raise BadArgument("--samplers needs at least one SAMPLER:STEPS")
     if config.images_per_prompt < 1:
-        raise ValueError(f"--images-per-prompt must be at least 1, got {config.images_per_prompt}")
+        raise BadArgument(f"--images-per-prompt must be at least 1, got {config.images_per_prompt}")
     if len(prompts) * config.images_per_prompt < 2:
-        raise ValueError("FD needs at least 2 images per setting: raise --n-prompts or --images-per-prompt")
+        raise BadArgument("FD needs at least 2 images per setting: raise --n-prompts or --images-per-prompt")
     if config.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
+        raise BadArgument(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.reference_per_prompt is not None and config.reference_per_prompt < 1:
-        raise ValueError(f"--reference-per-prompt must be at least 1, got {config.reference_per_prompt}")
+        raise BadArgument(f"--reference-per-prompt must be at least 1, got {config.reference_per_prompt}")
     if config.reference is not None:
         ref = Path(config.reference)
         if not ref.exists():
-            raise ValueError(f"reference {config.reference} does not exist")
+            raise BadArgument(f"reference {config.reference} does not exist")
         if ref.is_file() and ref.suffix.lower() != ".npz":
-            raise ValueError(f"--reference {config.reference} must be a folder of images or a statistics .npz")
+            raise BadArgument(f"--reference {config.reference} must be a folder of images or a statistics .npz")
     elif not builtin:
-        raise ValueError("a prompts file needs --reference: a folder of real images or a statistics .npz")
+        raise BadArgument("a prompts file needs --reference: a folder of real images or a statistics .npz")
     clip_folder = resolve_clip_folder(config.clip, config.model)
     return prompts, builtin, features, clip_folder
 
@@ -294,10 +295,10 @@ class ClipScorer:
         elif fallback_tokenizer is not None:
             self.tokenizer = fallback_tokenizer
         else:
-            raise ValueError(f"{folder} has no tokenizer files and no other tokenizer is at hand")
+            raise BadArgument(f"{folder} has no tokenizer files and no other tokenizer is at hand")
         text = self.model.config.text_config
         if self.tokenizer.vocab_size > text.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the CLIP model at {folder} "
+            raise BadArgument(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the CLIP model at {folder} "
                              f"only {text.vocab_size}: they do not belong together")
         self.max_length = min(self.tokenizer.model_max_length, text.max_position_embeddings)
         self.name = clip_display_name(folder)
@@ -404,7 +405,7 @@ def _statistics_of(images_iter, extractor: FeatureExtractor, batch_size: int = 6
     if chunk:
         flush()
     if running is None or running.count < 2:
-        raise ValueError("the reference needs at least 2 images")
+        raise BadArgument("the reference needs at least 2 images")
     mu, sigma = running.statistics()
     return mu, sigma, running.count
 
@@ -430,7 +431,7 @@ def _open_rgb(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"reference image {path} is not readable: {err}") from None
+        raise BadArgument(f"reference image {path} is not readable: {err}") from None
 
 
 def reference_statistics(config: EvalConfig, prompts: list[str], builtin: bool,
@@ -447,7 +448,7 @@ def reference_statistics(config: EvalConfig, prompts: list[str], builtin: bool,
                                          "cached": None})
         files = folder_images(ref)
         if len(files) < 2:
-            raise ValueError(f"reference folder {ref} holds {len(files)} images; FD needs at least 2")
+            raise BadArgument(f"reference folder {ref} holds {len(files)} images; FD needs at least 2")
         key = {"source": "folder", "files": _digest(_files_identity(ref)), "folder": str(ref.resolve()),
                "features": extractor.identity}
         return _cached(cache_dir, key, {"source": f"images in {ref}"},
@@ -462,21 +463,15 @@ def reference_statistics(config: EvalConfig, prompts: list[str], builtin: bool,
 
 # ---------------------------------------------------------------- generation
 
-@torch.no_grad()
 def txt2img_seeded(pipe, prompts: list[str], seeds: list[int], *, negative_prompt: str = "", width: int | None = None,
                    height: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
                    sampler: str = "ddim") -> list[Image.Image]:
-    """``pipe.txt2img`` with one seed per image (any seeds, not only consecutive ones), so image
-    ``i`` is exactly the image ``pipe.txt2img(prompts[i], seed=seeds[i])`` gives."""
-    import dataclasses
-
-    from .. import generate
-
+    """``pipe.txt2img`` with one seed per image, so image ``i`` is exactly the image
+    ``pipe.txt2img(prompts[i], seed=seeds[i])`` gives."""
     if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds")
-    settings = generate.make_settings(pipe, prompts, negative_prompt, width or pipe.native_size,
-                                      height or pipe.native_size, steps, guidance_scale, sampler, seeds[0], 1, 0.0, 1)
-    return generate.txt2img(pipe, dataclasses.replace(settings, seeds=tuple(int(s) for s in seeds)))
+        raise BadArgument(f"got {len(prompts)} prompts and {len(seeds)} seeds")
+    return pipe.txt2img(prompts, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                        guidance_scale=guidance_scale, sampler=sampler, seed=[int(s) for s in seeds])
 
 
 def judge_image(image: Image.Image, prompt: str) -> dict[str, bool | None]:
@@ -517,7 +512,6 @@ def run_eval(config: EvalConfig, info: DistInfo | None = None) -> dict[str, Any]
     """Run the sweep; rank 0 writes the outputs and returns the metrics (other ranks return None)."""
     import latentdiff
 
-    from .. import generate
     from . import report
     from .metrics import feature_statistics, frechet_distance_from_stats
 
@@ -528,7 +522,7 @@ def run_eval(config: EvalConfig, info: DistInfo | None = None) -> dict[str, Any]
         out_dir.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, config.dtype, None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {config.dtype!r}")
+        raise BadArgument(f"unknown dtype {config.dtype!r}")
     device = device_for_rank(config.device, info)
     settings = config.settings
     n_per_prompt = config.images_per_prompt
@@ -538,14 +532,14 @@ def run_eval(config: EvalConfig, info: DistInfo | None = None) -> dict[str, Any]
         pipe = latentdiff.load(config.model, device=device, dtype=dtype)
         width, height = config.width or pipe.native_size, config.height or pipe.native_size
         for s in settings:  # sizes, steps and samplers checked before any work
-            generate.make_settings(pipe, ["x"], config.negative, width, height, s.steps, s.guidance, s.sampler,
-                                   config.seed, 1, 0.0, 1)
+            pipe.settings(["x"], negative_prompt=config.negative, width=width, height=height, steps=s.steps,
+                          guidance_scale=s.guidance, sampler=s.sampler, seed=config.seed)
         clip = ClipScorer(clip_folder, pipe.tokenizer, device)
         extractor = make_feature_extractor(feature_spec, clip, device)
 
         reference = reference_statistics(config, prompts, builtin, extractor) if info.is_main else None
         if reference is not None and reference.mu.shape[0] != extractor.dim:
-            raise ValueError(f"reference statistics have dimension {reference.mu.shape[0]} but {extractor.name} "
+            raise BadArgument(f"reference statistics have dimension {reference.mu.shape[0]} but {extractor.name} "
                              f"features have {extractor.dim}: were they computed with another feature extractor?")
 
         mine = shard(n_images, info.rank, info.world_size)
