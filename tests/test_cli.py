@@ -56,7 +56,7 @@ def test_img2img_and_inpaint(diffusers_dir: Path, images: dict[str, Path], tmp_p
         (["generate", "x", "--sampler", "nope"], "unknown sampler 'nope'"),
         (["img2img", "x", "--image", "{image}", "--strength", "1.5"], "strength must be in [0, 1], got 1.5"),
         (["inpaint", "x", "--image", "{image}", "--mask", "{small-mask}"], "mask size 8x8 differs from image size 16x16"),
-        (["img2img", "x", "--image", "{not-an-image}"], "is not a readable image"),
+        (["img2img", "x", "--image", "{not-an-image}"], "is not an image"),
         (["img2img", "x", "--image", "/nowhere.png"], "image /nowhere.png does not exist"),
     ],
 )

@@ -35,7 +35,12 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", default="ddim", help="sampler id or A1111 name (see `latentdiff samplers`)")
-    p.add_argument("--seed", type=int, default=0, help="image i of the batch uses seed + i (default 0)")
+    p.add_argument("--schedule", help="schedule type for k-samplers: karras, exponential, sgm_uniform "
+                                      "(default: the sampler's own)")
+    p.add_argument("--seed", type=int, default=0, help="image i of the batch uses seed + i (default 0; -1: random)")
+    p.add_argument("--subseed", type=int, help="A1111 variation seed (image i uses subseed + i; default: random)")
+    p.add_argument("--subseed-strength", type=float, default=0.0, metavar="S",
+                   help="how far toward the variation seed's noise, 0..1 (default 0: off)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
     p.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
@@ -43,6 +48,8 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
     p.add_argument("--clip-skip", type=int, default=1, help="A1111 'Clip skip' (default 1: last layer)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="refuse work needing more memory than this, e.g. 6G (default: 80%% of the free memory)")
     p.add_argument("--tile-vae", action="store_true", help="encode/decode in overlapping tiles (large images)")
     p.add_argument("--out", default="out.png", help="output PNG; a batch writes NAME-0.png, NAME-1.png, ...")
     p.add_argument("--upscale", type=int, default=1, metavar="N",
@@ -53,11 +60,18 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
                        help=f"how much to change the image, 0..1 (default {strength})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``latentdiff: error: ...``, exit 2), like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"latentdiff: error: {self.prog.removeprefix('latentdiff ')}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="latentdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     gen = commands.add_parser("generate", help="text to image")
     _add_generation_arguments(gen, None)
     gen.set_defaults(func=run_generate)
@@ -118,88 +132,131 @@ def _add_eval_parser(commands) -> None:
     p.set_defaults(func=run_eval)
 
 
-def _open_image(path: str, what: str):
-    from PIL import Image, UnidentifiedImageError
+def output_paths(out: str, count: int, upscale: int = 1) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for a batch (plus each one's
+    ``.xN.png`` enlarged copy); every path checked as writable before any work starts."""
+    from latentdiff.images import check_output_path
 
-    if not Path(path).is_file():
-        raise ValueError(f"{what} {path} does not exist")
-    try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{what} {path} is not a readable image: {err}") from None
-    return image
-
-
-def output_paths(out: str, count: int) -> list[Path]:
-    """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for a batch."""
-    path = Path(out)
+    path = check_output_path(out)
     if path.suffix.lower() != ".png":
-        path = path.with_suffix(".png")
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+        path = check_output_path(path.with_suffix(".png"))
+    paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+    if upscale > 1:
+        paths += [p.with_name(f"{p.stem}.x{upscale}.png") for p in paths]
+    return [check_output_path(p) for p in paths]
+
+
+class _StepReport:
+    """The progress bar of a generation, and a one-line time estimate when the first step shows
+    that the whole run will take more than about a minute."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.bar = None
+        self.start = 0.0
+
+    def __call__(self, step: int, total: int, _x0) -> None:
+        import time
+
+        from tqdm import tqdm
+
+        if self.bar is None:  # created at the first step, so that argument errors print one clean line
+            self.bar = tqdm(total=total, desc=self.command, unit="step", leave=False)
+            self.start = time.perf_counter()
+            self.first = None
+        elif self.first is None:
+            self.first = time.perf_counter() - self.start
+            if self.first * total > LONG_RUN_SECONDS:
+                print(f"latentdiff: this will take about {_duration(self.first * total)} "
+                      f"({total} steps at {self.first:.1f} s each)", file=sys.stderr)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+LONG_RUN_SECONDS = 60.0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def generation_options(args: argparse.Namespace):
+    """The :class:`~latentdiff.settings.GenerationOptions` of a generate/img2img/inpaint command line."""
+    from latentdiff.settings import GenerationOptions
+
+    return GenerationOptions(
+        negative_prompt=args.negative, width=args.width, height=args.height, steps=args.steps,
+        guidance_scale=args.guidance, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
+        subseed=args.subseed, subseed_strength=args.subseed_strength, images_per_prompt=args.batch, eta=args.eta,
+        clip_skip=args.clip_skip, strength=getattr(args, "strength", None), vae_tiling=args.tile_vae,
+    )
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
     import latentdiff
+    from latentdiff import budget
+    from latentdiff.errors import BadArgument
+    from latentdiff.images import open_image
     from latentdiff.png import save_png
     from latentdiff.samplers import get_sampler
 
-    get_sampler(args.sampler)  # an unknown sampler fails before the model loads
-    image = _open_image(args.image, "image") if args.command != "generate" else None
-    mask = _open_image(args.mask, "mask") if args.command == "inpaint" else None
+    try:  # an unknown sampler or schedule fails before the model loads
+        get_sampler(args.sampler, args.schedule)
+    except ValueError as err:
+        raise BadArgument(str(err)) from None
+    if not 1 <= args.upscale <= MAX_UPSCALE:
+        raise BadArgument(f"--upscale must be in [1, {MAX_UPSCALE}], got {args.upscale}")
+    limit = budget.memory_budget(args.memory_budget)
+    max_pixels = budget.max_image_pixels(limit)
+    image = open_image(args.image, what="image", max_pixels=max_pixels) if args.command != "generate" else None
+    mask = open_image(args.mask, what="mask", max_pixels=max_pixels) if args.command == "inpaint" else None
     if mask is not None and mask.size != image.size:
-        raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} differs from image size {image.size[0]}x{image.size[1]}")
-    strength = getattr(args, "strength", None)
-    if strength is not None and not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    if args.upscale < 1:
-        raise ValueError(f"--upscale must be at least 1, got {args.upscale}")
+        raise BadArgument(f"mask size {mask.size[0]}x{mask.size[1]} differs from image size "
+                          f"{image.size[0]}x{image.size[1]}")
+    options = generation_options(args)
+    outputs = output_paths(args.out, args.batch, args.upscale)
 
-    pipe = latentdiff.load(args.model, device=args.device, dtype=getattr(torch, args.dtype),
-                           tokenizer=args.tokenizer, vae=args.vae)
-    bars: list[tqdm] = []  # created at the first step, so that argument errors print one clean line
-
-    def progress(step: int, total: int, _x0) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, desc=args.command, unit="step", leave=False))
-        bars[0].update(1)
-
-    common = dict(negative_prompt=args.negative, width=args.width, height=args.height, steps=args.steps,
-                  guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, images_per_prompt=args.batch,
-                  eta=args.eta, clip_skip=args.clip_skip, callback=progress, vae_tiling=args.tile_vae)
+    pipe = latentdiff.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, vae=args.vae)
+    pipe.memory_budget = limit
+    settings = pipe.settings(args.prompt, options, size=image.size if image is not None else None)
+    budget.check(pipe, settings, extra_pixels=settings.batch * settings.width * settings.height * args.upscale**2
+                 if args.upscale > 1 else 0)
+    report = _StepReport(args.command)
     try:
         if args.command == "generate":
-            images = pipe.txt2img(args.prompt, **common)
+            images = pipe.txt2img(args.prompt, options, callback=report)
         elif args.command == "img2img":
-            images = pipe.img2img(args.prompt, image=image, strength=args.strength, **common)
+            images = pipe.img2img(args.prompt, image, options, callback=report)
         else:
-            images = pipe.inpaint(args.prompt, image=image, mask=mask, strength=args.strength,
-                                  paste_back=not args.no_paste_back, **common)
+            images = pipe.inpaint(args.prompt, image, mask, options, callback=report, paste_back=not args.no_paste_back)
     finally:
-        for bar in bars:
-            bar.close()
-    for image_out, path in zip(images, output_paths(args.out, len(images))):
+        report.close()
+    for image_out, path in zip(images, outputs):
         save_png(image_out, path)
         print(path)
-        if args.upscale > 1:
-            big = path.with_name(f"{path.stem}.x{args.upscale}.png")
-            save_png(image_out.resize((image_out.width * args.upscale, image_out.height * args.upscale), 0), big,
-                     image_out.info.get("parameters"))
-            print(big)
+    for image_out, big in zip(images, outputs[len(images):]):
+        enlarged = image_out.resize((image_out.width * args.upscale, image_out.height * args.upscale), 0)
+        save_png(enlarged, big, image_out.info.get("parameters"))
+        print(big)
     return 0
+
+
+MAX_UPSCALE = 64
 
 
 def run_samplers(args: argparse.Namespace) -> int:
     from latentdiff.samplers import SAMPLERS
+    from latentdiff.schedule import SIGMA_SCHEDULES
 
     width = max(len(s.id) for s in SAMPLERS.values())
     for spec in SAMPLERS.values():
-        print(f"{spec.id:<{width}}  {spec.name:<16} (diffusers: {spec.diffusers_class})")
+        reference = f"diffusers {spec.diffusers_class}" if spec.diffusers_class else "k-diffusion"
+        schedules = ", ".join(spec.schedules) or "-"
+        print(f"{spec.id:<{width}}  {spec.name:<14} schedules: {schedules:<34} ({reference})")
+    print(f"schedule types (--schedule, or a name suffix as in 'DPM++ 2M Karras'): {', '.join(SIGMA_SCHEDULES)}")
     return 0
 
 
@@ -235,21 +292,23 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad arguments, with one line on stderr)."""
-    from .checkpoints.errors import CheckpointError
-    from .models.config import ConfigError
-    from .models.tokenizer import TokenizerError
+    """Entry point; returns the exit status (2 for bad input, with one line on stderr)."""
+    from .errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as err:
-        print(f"latentdiff: error: {err}", file=sys.stderr)
+    except UserError as err:  # bad input: one line; anything else is a bug and keeps its traceback
+        print(f"latentdiff: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("latentdiff: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch import nn
 from .checkpoints import single_file
 from .checkpoints.diffusers_folder import KINDS, build_model, kind_of_config, load_component_folder, read_json
 from .checkpoints.errors import CheckpointError
+from .errors import BadArgument
 from .checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, read_state_dict, trace_sources
 from .models.clip import normalize_text_encoder_keys
 from .models.tokenizer import CLIPTokenizer
@@ -49,6 +50,7 @@ def load(
         vae: a VAE folder or file that replaces the checkpoint's own.
         variant: weight-file variant to prefer in a diffusers folder (e.g. "fp16").
     """
+    device, dtype = check_device(device), check_dtype(dtype)
     if path is None:
         if not (BUILTIN_MODEL / "model_index.json").is_file():
             raise CheckpointError(
@@ -88,7 +90,7 @@ def _load_folder(folder: Path, device: torch.device | str, dtype: torch.dtype, v
         parts[name] = load_component_folder(folder / name, device, dtype, variant)  # type: ignore[assignment]
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    schedule = ScheduleConfig.from_dict(read_json(scheduler_file)) if scheduler_file.is_file() else ScheduleConfig()
+    schedule = read_schedule(scheduler_file) if scheduler_file.is_file() else ScheduleConfig()
     return Pipeline(
         unet=parts["unet"],
         vae=parts["vae"],
@@ -118,6 +120,46 @@ def _load_single_file(path: Path, device, dtype, tokenizer: CLIPTokenizer) -> Pi
     sd = read_state_dict(path)
     unet, vae, text = _build_from_original(sd, device, dtype, path.name)
     return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=ScheduleConfig(), name=path.stem)
+
+
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating-point dtype, given as a torch dtype or its name ("float16"); else BadArgument."""
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in FLOAT_DTYPES:
+        return FLOAT_DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in FLOAT_DTYPES.values():
+        return dtype
+    raise BadArgument(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """A torch device that exists on this machine ("cpu", "cuda", "cuda:1", "mps"); else BadArgument."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BadArgument(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:0, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadArgument(f"device {str(device)!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BadArgument(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise BadArgument(f"device {str(device)!r}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise BadArgument(f"device {str(device)!r} is not supported (cpu, cuda, mps)")
+    return device
+
+
+def read_schedule(path: Path) -> ScheduleConfig:
+    """A ``scheduler_config.json``; an impossible value is a :class:`CheckpointError` naming the file and field."""
+    try:
+        return ScheduleConfig.from_dict(read_json(path))
+    except ValueError as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 def load_component(

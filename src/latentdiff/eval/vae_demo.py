@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..checkpoints.errors import CheckpointError
+from ..errors import BadArgument
 from ..models.vae import AutoencoderKL
 from .metrics import psnr, ssim
 
@@ -170,9 +171,9 @@ def vae_demo(vae: AutoencoderKL, image: Image.Image, size: int = 256) -> VAEDemo
     """Crop ``image`` to ``size`` x ``size``, reconstruct it and measure PSNR / SSIM (8-bit, range 255)."""
     factor = vae.downsample_factor
     if not isinstance(size, int) or size <= 0 or size % factor:
-        raise ValueError(f"size {size} is not a positive multiple of the VAE factor {factor}")
+        raise BadArgument(f"size {size} is not a positive multiple of the VAE factor {factor}")
     if size < 11:
-        raise ValueError(f"size {size} is smaller than the 11-pixel SSIM window")
+        raise BadArgument(f"size {size} is smaller than the 11-pixel SSIM window")
     original = square_crop(image, size)
     recon = reconstruct(vae, original)
     a, b = np.array(original), np.array(recon)  # writable copies (torch warns on read-only arrays)
@@ -192,14 +193,14 @@ def run_vae_demo(image_path: str | Path, model: str | Path | None = None, size: 
 
     image_path = Path(image_path)
     if not image_path.is_file():
-        raise ValueError(f"image {image_path} does not exist")
+        raise BadArgument(f"image {image_path} does not exist")
     try:
         image = Image.open(image_path)
         image.load()
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"image {image_path} is not a readable image: {err}") from None
+        raise BadArgument(f"image {image_path} is not a readable image: {err}") from None
     if not isinstance(size, int) or size < 11:
-        raise ValueError(f"--size must be an integer of at least 11, got {size}")
+        raise BadArgument(f"--size must be an integer of at least 11, got {size}")
     vae = load_vae(model, device=device)
     demo = vae_demo(vae, image, size)
     path = Path(out) if out is not None else image_path.with_name(f"{image_path.stem}-vae.png")

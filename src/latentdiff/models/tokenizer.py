@@ -27,6 +27,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from ..errors import BadModel
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -40,7 +42,7 @@ CLIP_SPLIT_PATTERN = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BadModel):
     """A tokenizer folder or file that cannot be read."""
 
 
