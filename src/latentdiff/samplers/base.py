@@ -111,3 +111,19 @@ def _prepare_prev(sigmas_prev: Tensor, n: int) -> Tensor:
     if prev.shape != (n,):
         raise ValueError(f"sigmas_prev must have shape ({n},), got {tuple(prev.shape)}")
     return prev
+
+
+def lagrange_basis(nodes: Sequence[float], j: int) -> list[float]:
+    """Coefficients (of u^0, u^1, ...) of the Lagrange basis polynomial through ``nodes`` that is
+    1 at ``nodes[j]`` and 0 at the others (LMS and DEIS integrate it over one step)."""
+    poly = [1.0]
+    for k in range(len(nodes)):
+        if k == j:
+            continue
+        denom = nodes[j] - nodes[k]
+        new = [0.0] * (len(poly) + 1)
+        for p, c in enumerate(poly):
+            new[p + 1] += c / denom
+            new[p] -= c * nodes[k] / denom
+        poly = new
+    return poly

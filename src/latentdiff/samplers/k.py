@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import Callback, Denoiser, Generator, PostStep, _finish_step, _prepare, randn_like
+from .base import Callback, Denoiser, Generator, PostStep, _finish_step, _prepare, lagrange_basis, randn_like
 
 @torch.no_grad()
 def sample_euler(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
@@ -87,16 +87,7 @@ def lms_coefficient(sigmas: Sequence[float], i: int, order: int, j: int) -> floa
     term by term (diffusers uses scipy's adaptive quadrature, exact for these low degrees)."""
     origin = float(sigmas[i])
     nodes = [float(sigmas[i - k]) - origin for k in range(order)]
-    poly = [1.0]  # coefficients of u^0, u^1, ... with u = tau - origin
-    for k in range(order):
-        if k == j:
-            continue
-        denom = nodes[j] - nodes[k]
-        new = [0.0] * (len(poly) + 1)
-        for p, c in enumerate(poly):
-            new[p + 1] += c / denom
-            new[p] -= c * nodes[k] / denom
-        poly = new
+    poly = lagrange_basis(nodes, j)  # coefficients of powers of u (u = tau - origin)
     h = float(sigmas[i + 1]) - origin
     return sum(c * h ** (p + 1) / (p + 1) for p, c in enumerate(poly))
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import Callback, Denoiser, Generator, PostStep, _finish_step, _prepare
+from .base import Callback, Denoiser, Generator, PostStep, _finish_step, _prepare, lagrange_basis
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
@@ -135,16 +135,7 @@ def deis_coefficient(sigmas: Sequence[float], i: int, order: int, j: int) -> flo
     is exact in float64 (diffusers: float32)."""
     base = math.log(sigmas[i])
     nodes = [math.log(sigmas[i - k]) - base for k in range(order)]
-    poly = [1.0]  # coefficients of v^0, v^1, ...
-    for k in range(order):
-        if k == j:
-            continue
-        denom = nodes[j] - nodes[k]
-        new = [0.0] * (len(poly) + 1)
-        for p, c in enumerate(poly):
-            new[p + 1] += c / denom
-            new[p] -= c * nodes[k] / denom
-        poly = new
+    poly = lagrange_basis(nodes, j)  # coefficients of powers of v (v = log(rho / sigmas[i]))
     h = math.log(sigmas[i + 1]) - base
     integral = math.expm1(h)
     total = poly[0] * integral
