@@ -54,6 +54,12 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
     p.add_argument("--out", default="out.png", help="output PNG; a batch writes NAME-0.png, NAME-1.png, ...")
     p.add_argument("--upscale", type=int, default=1, metavar="N",
                    help="also write an N-times larger nearest-neighbour copy for viewing (NAME.xN.png)")
+    if strength is None:
+        p.add_argument("--hires-scale", type=float, default=1.0, metavar="S",
+                       help="hires fix: generate, upscale by S, refine at the large size (default 1: off)")
+        p.add_argument("--hires-steps", type=int, metavar="N", help="steps of the hires pass (default: --steps)")
+        p.add_argument("--hires-strength", type=float, default=0.7, help="denoising strength of the hires pass")
+        p.add_argument("--hires-upscaler", default="latent", choices=["latent", "latent-nearest", "lanczos"])
     if strength is not None:
         p.add_argument("--image", required=True, help="the input image")
         p.add_argument("--strength", type=float, default=strength,
@@ -192,6 +198,8 @@ def generation_options(args: argparse.Namespace):
         guidance_scale=args.guidance, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
         subseed=args.subseed, subseed_strength=args.subseed_strength, images_per_prompt=args.batch, eta=args.eta,
         clip_skip=args.clip_skip, strength=getattr(args, "strength", None), vae_tiling=args.tile_vae,
+        **({"hires_scale": args.hires_scale, "hires_steps": args.hires_steps, "hires_strength": args.hires_strength,
+            "hires_upscaler": args.hires_upscaler} if args.command == "generate" else {}),
     )
 
 
@@ -222,7 +230,8 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = latentdiff.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, vae=args.vae)
     pipe.memory_budget = limit
     settings = pipe.settings(args.prompt, options, size=image.size if image is not None else None)
-    budget.check(pipe, settings, extra_pixels=settings.batch * settings.width * settings.height * args.upscale**2
+    final = settings.hires_settings() if settings.hires_size else settings
+    budget.check(pipe, final, extra_pixels=final.batch * final.width * final.height * args.upscale**2
                  if args.upscale > 1 else 0)
     report = _StepReport(args.command)
     try:

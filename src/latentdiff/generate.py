@@ -36,6 +36,7 @@ of a batch draws from its own generator, so it is; a batch of one equals diffuse
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -308,6 +309,8 @@ def start_latents(pipe: Pipeline, settings: Settings, latents: Tensor | None,
 @torch.no_grad()
 def txt2img(pipe: Pipeline, settings: Settings, callback: StepCallback | None = None,
             latents: Tensor | None = None) -> Output:
+    if settings.hires_scale > 1.0 and settings.hires_base is None:
+        return hires_fix(pipe, settings, callback, latents)
     budget.check(pipe, settings)
     plan = plan_for(pipe, settings, None)
     generators = settings.generators()
@@ -317,18 +320,69 @@ def txt2img(pipe: Pipeline, settings: Settings, callback: StepCallback | None = 
     return finish(pipe, settings, denoise(pipe, settings, plan, x, model, generators, callback))
 
 
+#: hires-fix upscalers: A1111's "Latent" (bilinear) and "Latent (nearest)" on the latents, or the
+#: decoded image resized with Lanczos and encoded again
+HIRES_UPSCALERS = ("latent", "latent-nearest", "lanczos")
+
+
+def hires_fix(pipe: Pipeline, settings: Settings, callback: StepCallback | None = None,
+              latents: Tensor | None = None) -> Output:
+    """A1111's hires fix: txt2img at the base size, the result upscaled (latents bilinear or
+    nearest, or the decoded image resized with Lanczos), then img2img at the large size with
+    ``hires_strength`` over ``hires_steps`` and fresh noise from the same seeds.  Exactly the two
+    calls ``txt2img(output_type="latent")`` and ``img2img(image=upscaled)``."""
+    large = settings.hires_settings()
+    budget.check(pipe, large)
+    base = dataclasses.replace(settings, hires_scale=1.0, output_type="latent")
+    first = txt2img(pipe, base, callback, latents)  # (B, C, h, w) scaled latents
+    h, w = large.height // pipe.vae_factor, large.width // pipe.vae_factor
+    if settings.hires_upscaler == "lanczos":
+        images = to_pil(decode(pipe, first, settings.vae_tiling))
+        upscaled: Tensor | list[Image.Image] = [im.resize((large.width, large.height), Image.LANCZOS) for im in images]
+    else:
+        mode = "bilinear" if settings.hires_upscaler == "latent" else "nearest"
+        upscaled = F.interpolate(first, size=(h, w), mode=mode, **({"align_corners": False} if mode != "nearest" else {}))
+    return img2img(pipe, large, upscaled, callback)
+
+
+def image_latents_for(pipe: Pipeline, settings: Settings, image: Image.Image | Sequence[Image.Image] | Tensor,
+                      generators: Sequence[torch.Generator]) -> Tensor:
+    """The scaled float32 start latents (B, C, h, w) of img2img: from one image (encoded once,
+    one posterior sample per generator), one image per batch item, or given latents
+    ((1 or B, C, h, w), used as they are, as diffusers does for a 4-channel ``image``)."""
+    batch = settings.batch
+    h, w = settings.height // pipe.vae_factor, settings.width // pipe.vae_factor
+    if isinstance(image, Tensor):
+        shape = (pipe.vae.config.latent_channels, h, w)
+        if image.ndim != 4 or tuple(image.shape[1:]) != shape or image.shape[0] not in (1, batch):
+            raise BadArgument(f"latents given as image must have shape (1 or {batch}, {shape[0]}, {h}, {w}), "
+                              f"got {tuple(image.shape)}")
+        if not image.is_floating_point() or not torch.isfinite(image).all():
+            raise BadArgument("latents given as image must be finite floating-point numbers")
+        return image.to(pipe.device, torch.float32).expand(batch, -1, -1, -1)
+    vae = vae_for(pipe)
+    if isinstance(image, (list, tuple)):
+        if len(image) != batch:
+            raise BadArgument(f"got {len(image)} images for {batch} images to make")
+        parts = []
+        for i, (one, g) in enumerate(zip(image, generators)):
+            pixels = pil_to_tensor(check_image(f"image[{i}]", one), settings.width, settings.height)
+            parts.append(sample_latents(vae, encode_image(pipe, vae, pixels, settings.vae_tiling), [g]))
+        return torch.cat(parts)
+    pixels = pil_to_tensor(check_image("image", image), settings.width, settings.height)
+    return sample_latents(vae, encode_image(pipe, vae, pixels, settings.vae_tiling), generators)
+
+
 @torch.no_grad()
-def img2img(pipe: Pipeline, settings: Settings, image: Image.Image, callback: StepCallback | None = None) -> Output:
-    image = check_image("image", image)
+def img2img(pipe: Pipeline, settings: Settings, image: Image.Image | Sequence[Image.Image] | Tensor,
+            callback: StepCallback | None = None) -> Output:
     budget.check(pipe, settings)
     strength = settings.strength if settings.strength is not None else 0.75
     plan = plan_for(pipe, settings, strength)
     generators = settings.generators()
     conditioning = encode_prompts(pipe, settings)
-    vae = vae_for(pipe)
-    posterior = encode_image(pipe, vae, pil_to_tensor(image, settings.width, settings.height), settings.vae_tiling)
-    image_latents = sample_latents(vae, posterior, generators)
-    x = image_latents + float(plan.sigmas[0]) * initial_noise(pipe, settings, generators)
+    x = image_latents_for(pipe, settings, image, generators) + float(plan.sigmas[0]) * initial_noise(
+        pipe, settings, generators)
     model = guided_model(pipe, conditioning, settings.guidance_scale)
     return finish(pipe, settings, denoise(pipe, settings, plan, x, model, generators, callback))
 

@@ -19,16 +19,17 @@ from torch import Tensor
 from PIL import Image
 
 from . import generate
-from .errors import BadArgument
-from .settings import GenerationOptions, Settings, resolve
+from .adapters.lora import LoraState
 from .checkpoints import single_file
 from .checkpoints.diffusers_folder import DIFFUSERS_VERSION, KINDS, save_component
 from .checkpoints.io import write_safetensors
+from .errors import BadArgument
 from .models.clip import CLIPTextModel
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DCondition
 from .models.vae import AutoencoderKL
 from .prompts import encode_chunks, tokenize_weighted
+from .settings import GenerationOptions, Settings, resolve
 from .schedule import ScheduleConfig
 
 
@@ -47,6 +48,12 @@ class Pipeline:
     name: str = ""
     #: memory budget of a generation (bytes or "6G"; None: LATENTDIFF_MEMORY_BUDGET or 80% of free memory)
     memory_budget: int | str | None = None
+    #: LoRAs merged into the weights, and the original tensors they replaced (see load_lora)
+    lora_state: LoraState = field(default_factory=LoraState, init=False, repr=False, compare=False)
+    #: textual-inversion embeddings by trigger name: vectors (n, D) (see load_textual_inversion)
+    embeddings: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    #: the file each embedding was read from (for A1111's "TI hashes")
+    embedding_files: dict[str, Path] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -77,13 +84,59 @@ class Pipeline:
         ``clip_skip`` 2 takes the penultimate layer (A1111's "Clip skip").
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        chunks = tokenize_weighted(self.tokenizer, prompts, min_chunks=min_chunks)
+        lookup = {tuple(self.tokenizer.encode(n)): (n, v) for n, v in self.embeddings.items()}
+        chunks = tokenize_weighted(self.tokenizer, prompts, min_chunks=min_chunks, embeddings=lookup)
         device = next(self.text_encoder.parameters()).device
 
-        def encode(ids: Tensor) -> Tensor:
-            return self.text_encoder(ids.to(device), skip_last_layers=clip_skip - 1)
+        def encode(ids: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
+            return self.text_encoder(ids.to(device), skip_last_layers=clip_skip - 1, inputs_embeds=inputs_embeds)
 
-        return encode_chunks(encode, chunks)
+        def embed_tokens(ids: Tensor) -> Tensor:  # (B, L) -> (B, L, D)
+            return self.text_encoder.text_model.embeddings.token_embedding(ids.to(device))
+
+        return encode_chunks(encode, chunks, embed_tokens)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Load a textual-inversion embedding (A1111 ``.pt``/``.safetensors``, diffusers
+        ``learned_embeds``); returns its trigger name (``token``, default the file stem).
+        The name in a prompt or negative prompt, weighted or not, is replaced by its vectors."""
+        from .adapters.embeddings import load_textual_inversion
+
+        return load_textual_inversion(self, path, token)
+
+    def unload_textual_inversion(self, name: str | None = None) -> None:
+        """Forget the embedding ``name``, or all of them."""
+        from .adapters.embeddings import unload_textual_inversion
+
+        unload_textual_inversion(self, name)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None, *,
+                  unet_scale: float | None = None, text_encoder_scale: float | None = None) -> str:
+        """Merge a LoRA file (kohya / A1111 ``lora_unet_*``, diffusers / PEFT ``lora_A``/``lora_B``,
+        attention-processor keys) into the weights at ``scale`` (per network: ``unet_scale``,
+        ``text_encoder_scale``).  Several stack.  Returns the name (default the file stem)."""
+        from .adapters import LoadedLora, read_lora
+
+        path = Path(path)
+        name = path.stem if name is None else name
+        if name in self.lora_state.loaded:
+            raise BadArgument(f"a LoRA named {name!r} is already loaded (unload it first, or pass name=)")
+        scales = {"unet": float(scale if unet_scale is None else unet_scale),
+                  "text_encoder": float(scale if text_encoder_scale is None else text_encoder_scale)}
+        networks = {"unet": self.unet, "text_encoder": self.text_encoder}
+        self.lora_state.add(name, LoadedLora(path, read_lora(path, networks), scales, float(scale)), networks)
+        return name
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Unmerge the LoRA ``name``, or all of them; with none left the weights are the originals, bit for bit."""
+        if name is not None and name not in self.lora_state.loaded:
+            raise BadArgument(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self.lora_state.loaded) or 'none'})")
+        self.lora_state.remove(name, {"unet": self.unet, "text_encoder": self.text_encoder})
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded LoRAs, name -> scale, in load order."""
+        return {name: lora.scale for name, lora in self.lora_state.loaded.items()}
 
     @property
     def native_size(self) -> int:
@@ -116,13 +169,26 @@ class Pipeline:
         """
         return generate.txt2img(self, self.settings(prompts, options, **fields), callback, latents)
 
-    def img2img(self, prompts: str | list[str], image: Image.Image, options: GenerationOptions | None = None, *,
+    def _size_of(self, image: object) -> tuple[int, int] | None:
+        """The default (width, height) of an img2img input: a PIL image's (the first of a list),
+        or latents' times the VAE factor."""
+        if isinstance(image, (list, tuple)) and image:
+            image = image[0]
+        if isinstance(image, Image.Image):
+            return image.size
+        if isinstance(image, Tensor) and image.ndim == 4:
+            return image.shape[-1] * self.vae_factor, image.shape[-2] * self.vae_factor
+        return None
+
+    def img2img(self, prompts: str | list[str], image: Image.Image | list[Image.Image] | Tensor,
+                options: GenerationOptions | None = None, *,
                 callback: generate.StepCallback | None = None, **fields: Any) -> generate.Output:
         """SDEdit: encode ``image``, noise it to ``strength`` (default 0.75), run the last
         int(steps x strength) steps.  Size defaults to the image's own (which must then be a
-        multiple of the VAE factor)."""
-        size = image.size if isinstance(image, Image.Image) else None
-        return generate.img2img(self, self.settings(prompts, options, size=size, **fields), image, callback)
+        multiple of the VAE factor).  ``image`` may be one PIL image (encoded once for the
+        batch), one per image of the batch, or scaled latents (1 or B, C, h, w), used as they are."""
+        return generate.img2img(self, self.settings(prompts, options, size=self._size_of(image), **fields), image,
+                                callback)
 
     def inpaint(self, prompts: str | list[str], image: Image.Image, mask: Image.Image,
                 options: GenerationOptions | None = None, *, callback: generate.StepCallback | None = None,

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -117,48 +118,133 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+#: token-id run of an embedding's name -> (name, vectors (n, D)); see latentdiff.adapters.embeddings
+EmbeddingLookup = Mapping[tuple[int, ...], tuple[str, Tensor]]
+
+
+def find_embedding_runs(ids: list[int], lookup: EmbeddingLookup) -> list[tuple[int, int, tuple[str, Tensor]]]:
+    """(start, run length, (name, vectors)) of every embedding trigger in ``ids``, left to right.
+
+    As A1111: at each position the longest matching name wins, and matching resumes after it.
+    """
+    if not lookup:
+        return []
+    runs_by_first: dict[int, list[tuple[int, ...]]] = {}
+    for run in sorted(lookup, key=len, reverse=True):
+        if run:
+            runs_by_first.setdefault(run[0], []).append(run)
+    found = []
+    i = 0
+    while i < len(ids):
+        for run in runs_by_first.get(ids[i], ()):
+            if tuple(ids[i : i + len(run)]) == run:
+                found.append((i, len(run), lookup[run]))
+                i += len(run)
+                break
+        else:
+            i += 1
+    return found
+
+
 @dataclass
 class TokenChunks:
-    """Token ids and weights of a batch of prompts, (B, chunks, max_length) each."""
+    """Token ids and weights of a batch of prompts, (B, chunks, max_length) each.
+
+    ``vectors`` lists the embedding vectors that replace the token embeddings at some
+    positions: (prompt b, chunk c, first position in the framed chunk, vectors (n, D)).
+    """
 
     ids: Tensor  # (B, chunks, L) long
     weights: Tensor  # (B, chunks, L) float32
+    vectors: list[tuple[int, int, int, Tensor]] = field(default_factory=list)
 
 
-def tokenize_weighted(tokenizer: Tokenizer, prompts: list[str], min_chunks: int = 1) -> TokenChunks:
-    """Tokenize with weights and cut into framed 75-token chunks; every prompt gets the same chunk count."""
+#: token id put where embedding vectors go (A1111 uses 0 too); its token embedding is never used
+EMBEDDING_PLACEHOLDER_ID = 0
+
+
+def tokenize_weighted(tokenizer: Tokenizer, prompts: list[str], min_chunks: int = 1,
+                      embeddings: EmbeddingLookup | None = None) -> TokenChunks:
+    """Tokenize with weights and cut into framed 75-token chunks; every prompt gets the same chunk count.
+
+    ``embeddings`` (token-id run of a name -> (name, vectors (n, D))): each run found in a
+    fragment's ids becomes n positions carrying the fragment's weight. As A1111, an embedding is
+    never split between chunks: when it does not fit, the current chunk is closed early.
+    """
     length = tokenizer.model_max_length
     body = length - 2
-    per_prompt: list[tuple[list[int], list[float]]] = []
+    # per prompt: list of chunks, each (ids, weights, [(offset in body, vectors)])
+    per_prompt: list[list[tuple[list[int], list[float], list[tuple[int, Tensor]]]]] = []
     for prompt in prompts:
+        chunks: list[tuple[list[int], list[float], list[tuple[int, Tensor]]]] = []
         ids: list[int] = []
         weights: list[float] = []
+        slots: list[tuple[int, Tensor]] = []
+
+        def close() -> None:
+            nonlocal ids, weights, slots
+            chunks.append((ids, weights, slots))
+            ids, weights, slots = [], [], []
+
         for text, weight in parse_weighted_prompt(prompt):
             tokens = tokenizer.encode(text)
-            ids += tokens
-            weights += [weight] * len(tokens)
-        per_prompt.append((ids, weights))
-    chunks = max([min_chunks] + [max(1, -(-len(ids) // body)) for ids, _ in per_prompt])
+            runs = {start: (size, vectors) for start, size, (_, vectors) in find_embedding_runs(tokens, embeddings or {})}
+            i = 0
+            while i < len(tokens):
+                if i in runs:
+                    size, vectors = runs[i]
+                    if len(ids) + vectors.shape[0] > body:
+                        close()
+                    slots.append((len(ids), vectors))
+                    ids += [EMBEDDING_PLACEHOLDER_ID] * vectors.shape[0]
+                    weights += [weight] * vectors.shape[0]
+                    i += size
+                    continue
+                if len(ids) == body:
+                    close()
+                ids.append(tokens[i])
+                weights.append(weight)
+                i += 1
+        if ids or not chunks:
+            close()
+        per_prompt.append(chunks)
+    count = max([min_chunks] + [len(c) for c in per_prompt])
 
-    all_ids = torch.full((len(prompts), chunks, length), tokenizer.pad_token_id, dtype=torch.long)
-    all_weights = torch.ones((len(prompts), chunks, length), dtype=torch.float32)
-    for b, (ids, weights) in enumerate(per_prompt):
-        for c in range(chunks):
-            piece = ids[c * body : (c + 1) * body]
-            framed = [tokenizer.bos_token_id, *piece, tokenizer.eos_token_id]
+    all_ids = torch.full((len(prompts), count, length), tokenizer.pad_token_id, dtype=torch.long)
+    all_weights = torch.ones((len(prompts), count, length), dtype=torch.float32)
+    all_ids[:, :, 0] = tokenizer.bos_token_id
+    all_ids[:, :, 1] = tokenizer.eos_token_id  # empty chunks: start, end, padding
+    vectors: list[tuple[int, int, int, Tensor]] = []
+    for b, chunks in enumerate(per_prompt):
+        for c, (ids, weights, slots) in enumerate(chunks):
+            framed = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
             all_ids[b, c, : len(framed)] = torch.tensor(framed)
-            all_weights[b, c, 1 : 1 + len(piece)] = torch.tensor(weights[c * body : (c + 1) * body])
-    return TokenChunks(all_ids, all_weights)
+            all_weights[b, c, 1 : 1 + len(weights)] = torch.tensor(weights, dtype=torch.float32)
+            vectors += [(b, c, 1 + offset, v) for offset, v in slots]
+    return TokenChunks(all_ids, all_weights, vectors)
 
 
-def encode_chunks(encode: Callable[[Tensor], Tensor], chunks: TokenChunks) -> Tensor:
+def encode_chunks(encode: Callable[..., Tensor], chunks: TokenChunks,
+                  embed_tokens: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Run ``encode`` (ids (B, L) -> hidden (B, L, D)) on every chunk, weight, and concatenate.
 
+    A chunk that carries embedding vectors is encoded as ``encode(ids, inputs_embeds)`` with
+    ``inputs_embeds = embed_tokens(ids)`` (B, L, D) overwritten at the vectors' positions.
     Returns (B, chunks * L, D).
     """
     outputs = []
     for c in range(chunks.ids.shape[1]):
-        hidden = encode(chunks.ids[:, c])  # (B, L, D)
+        ids = chunks.ids[:, c]  # (B, L)
+        here = [(b, start, v) for b, cc, start, v in chunks.vectors if cc == c]
+        if here:
+            if embed_tokens is None:
+                raise ValueError("chunks carry embedding vectors but no embed_tokens was given")
+            inputs = embed_tokens(ids).clone()  # (B, L, D)
+            for b, start, v in here:
+                inputs[b, start : start + v.shape[0]] = v.to(inputs.device, inputs.dtype)
+            hidden = encode(ids, inputs)  # (B, L, D)
+        else:
+            hidden = encode(ids)  # (B, L, D)
         weights = chunks.weights[:, c].to(hidden.device)  # (B, L)
         weighted_rows = (weights != 1).any(dim=1)  # (B,) prompts of this chunk that carry weights
         if weighted_rows.any():

@@ -13,10 +13,11 @@ seeds (``subseed``, ``subseed_strength``) blend each image's noise with the nois
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["GenerationOptions", "Settings", "resolve", "variation_noise", "MAX_SEED", "MAX_STEPS"]
 
 MAX_SEED = 2**32 - 1  # A1111's seeds are 32-bit
+HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "lanczos": "Lanczos"}
 MAX_STEPS = 1000
 OUTPUT_TYPES = ("pil", "latent")
 
@@ -63,6 +65,10 @@ class GenerationOptions:
     strength: float | None = None
     output_type: str = "pil"
     vae_tiling: bool = False
+    hires_scale: float = 1.0
+    hires_steps: int | None = None
+    hires_strength: float = 0.7
+    hires_upscaler: str = "latent"
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,14 @@ class Settings:
     strength: float | None = None
     output_type: str = "pil"
     vae_tiling: bool = False
+    hires_scale: float = 1.0
+    hires_steps: int | None = None
+    hires_strength: float = 0.7
+    hires_upscaler: str = "latent"
+    hires_size: tuple[int, int] | None = None  # (width, height) of the hires pass
+    hires_base: tuple[int, int, int] | None = None  # in the second pass: the first's (width, height, steps)
     model: str = field(default="", compare=False)
+    ti_hashes: str = field(default="", compare=False)  # A1111's "TI hashes" value ("" when none used)
 
     @property
     def batch(self) -> int:
@@ -93,6 +106,13 @@ class Settings:
 
     def prompt_of(self, index: int) -> str:
         return self.prompts[index // self.images_per_prompt]
+
+    def hires_settings(self) -> Settings:
+        """The settings of the hires-fix second pass (img2img at the large size)."""
+        width, height = self.hires_size
+        return replace(self, width=width, height=height, steps=self.hires_steps or self.steps,
+                       strength=self.hires_strength, hires_size=None,
+                       hires_base=(self.width, self.height, self.steps))
 
     def generators(self) -> list[torch.Generator]:
         """One CPU generator per image, seeded with that image's seed."""
@@ -112,10 +132,20 @@ class Settings:
             fields += [f"Variation seed: {self.subseeds[index]}", f"Variation seed strength: {self.subseed_strength:g}"]
         if self.strength is not None:
             fields.append(f"Denoising strength: {self.strength:g}")
+        if self.hires_scale > 1.0:  # A1111 records the base size and the hires settings
+            base_w, base_h, base_steps = self.hires_base or (self.width, self.height, self.steps)
+            fields[fields.index(f"Size: {self.width}x{self.height}")] = f"Size: {base_w}x{base_h}"
+            fields[0] = f"Steps: {base_steps}"
+            fields += [f"Hires upscale: {self.hires_scale:g}", f"Hires steps: {self.hires_steps or base_steps}",
+                       f"Hires upscaler: {HIRES_UPSCALER_NAMES[self.hires_upscaler]}"]
+            if self.strength is None:
+                fields.append(f"Denoising strength: {self.hires_strength:g}")
         if self.eta and self.sampler.id == "ddim":
             fields.append(f"Eta: {self.eta:g}")
         if self.clip_skip != 1:
             fields.append(f"Clip skip: {self.clip_skip}")
+        if self.ti_hashes:
+            fields.append(f"TI hashes: {json.dumps(self.ti_hashes, ensure_ascii=False)}")  # A1111's quote()
         lines = [self.prompt_of(index)]
         if negative:
             lines.append(f"Negative prompt: {negative}")
@@ -217,11 +247,33 @@ def resolve(pipe: Pipeline, prompts: str | Sequence[str], options: GenerationOpt
         raise BadArgument(f"output_type must be one of {OUTPUT_TYPES}, got {options.output_type!r}")
     if not isinstance(options.vae_tiling, bool):
         raise BadArgument(f"vae_tiling must be True or False, got {options.vae_tiling!r}")
+    hires_scale = _number("hires_scale", options.hires_scale, 1.0, 8.0)
+    hires_steps = None if options.hires_steps is None else _integer("hires_steps", options.hires_steps, 1, MAX_STEPS)
+    hires_strength = _number("hires_strength", options.hires_strength, 0.0, 1.0)
+    if options.hires_upscaler not in HIRES_UPSCALER_NAMES:
+        raise BadArgument(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALER_NAMES)}, "
+                          f"got {options.hires_upscaler!r}")
+    hires_size = None
+    if hires_scale > 1.0:
+        if strength is not None:
+            raise BadArgument("hires_scale applies to txt2img only (its strength is hires_strength)")
+        hires_size = (int(dims["width"] * hires_scale) // factor * factor,
+                      int(dims["height"] * hires_scale) // factor * factor)
     return Settings(
         tuple(prompt_list), tuple(negatives), dims["width"], dims["height"], steps, guidance, sampler, seeds,
         subseeds, strength_of_variation, per_prompt, eta, clip_skip, strength, options.output_type,
-        options.vae_tiling, pipe.name,
+        options.vae_tiling, hires_scale, hires_steps, hires_strength, options.hires_upscaler, hires_size,
+        None, pipe.name, ti_hashes=_ti_hashes(pipe, prompt_list, negatives),
     )
+
+
+def _ti_hashes(pipe: Pipeline, prompts: list[str], negatives: list[str]) -> str:
+    """A1111's "TI hashes" of the textual-inversion embeddings the prompts use ("" when none)."""
+    if not getattr(pipe, "embeddings", None):
+        return ""
+    from .adapters.embeddings import ti_hashes_field
+
+    return ti_hashes_field(pipe, prompts, negatives)
 
 
 # ----------------------------------------------------------------------------- variation seeds

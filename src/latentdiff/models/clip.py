@@ -182,7 +182,9 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids (B, T) -> token + position embeddings (B, T, D); ``inputs_embeds`` (B, T, D)
+        replaces the token embeddings (as transformers' ``inputs_embeds``), positions are still added."""
         t = input_ids.shape[-1]
         if t > self.position_embedding.num_embeddings:
             raise ValueError(
@@ -191,7 +193,8 @@ class CLIPTextEmbeddings(nn.Module):
             )
         # Positions are computed, not stored: no position_ids buffer in the state dict.
         positions = torch.arange(t, device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T, D)
+        tokens = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        return tokens + self.position_embedding(positions)  # (B, T, D)
 
 
 class CLIPTextTransformer(nn.Module):
@@ -213,8 +216,12 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def forward(self, input_ids: torch.Tensor, skip_last_layers: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, skip_last_layers: int = 0,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> hidden states (B, T, D) after the final layer norm.
+
+        ``inputs_embeds`` (B, T, D), when given, replaces the token embeddings of ``input_ids``
+        (textual-inversion vectors); position embeddings are added to it as usual.
 
         ``skip_last_layers=n`` stops ``n`` layers before the end and applies the final
         layer norm to that hidden state (AUTOMATIC1111's "CLIP skip" = n + 1).
@@ -222,7 +229,7 @@ class CLIPTextModel(nn.Module):
         layers = self.text_model.encoder.layers
         if not 0 <= skip_last_layers < len(layers):
             raise ValueError(f"skip_last_layers must be in [0, {len(layers) - 1}], got {skip_last_layers}")
-        x = self.text_model.embeddings(input_ids)  # (B, T, D)
+        x = self.text_model.embeddings(input_ids, inputs_embeds)  # (B, T, D)
         for layer in layers[: len(layers) - skip_last_layers]:
             x = layer(x)
         return self.text_model.final_layer_norm(x)
