@@ -62,5 +62,7 @@ def test_img2img_takes_latents_and_image_lists(pipe) -> None:
         pipe.img2img(PROMPTS, [Image.new("RGB", (16, 16))], steps=4)
     with pytest.raises(ValueError, match="hires_scale must be in"):
         pipe.txt2img("x", hires_scale=0.5)
+    with pytest.raises(ValueError, match="hires_scale applies to txt2img only"):
+        pipe.inpaint("x", Image.new("RGB", (16, 16)), Image.new("L", (16, 16)), hires_scale=2.0)
     with pytest.raises(ValueError, match="hires_upscaler must be one of"):
         pipe.txt2img("x", hires_scale=2.0, hires_upscaler="esrgan")

@@ -345,6 +345,12 @@ def hires_fix(pipe: Pipeline, settings: Settings, callback: StepCallback | None 
     return img2img(pipe, large, upscaled, callback)
 
 
+def refuse_hires(settings: Settings) -> None:
+    """img2img and inpainting have no hires pass of their own (hires_fix's second pass is an img2img)."""
+    if settings.hires_scale > 1.0 and settings.hires_base is None:
+        raise BadArgument("hires_scale applies to txt2img only")
+
+
 def image_latents_for(pipe: Pipeline, settings: Settings, image: Image.Image | Sequence[Image.Image] | Tensor,
                       generators: Sequence[torch.Generator]) -> Tensor:
     """The scaled float32 start latents (B, C, h, w) of img2img: from one image (encoded once,
@@ -376,6 +382,7 @@ def image_latents_for(pipe: Pipeline, settings: Settings, image: Image.Image | S
 @torch.no_grad()
 def img2img(pipe: Pipeline, settings: Settings, image: Image.Image | Sequence[Image.Image] | Tensor,
             callback: StepCallback | None = None) -> Output:
+    refuse_hires(settings)
     budget.check(pipe, settings)
     strength = settings.strength if settings.strength is not None else 0.75
     plan = plan_for(pipe, settings, strength)
@@ -390,6 +397,7 @@ def img2img(pipe: Pipeline, settings: Settings, image: Image.Image | Sequence[Im
 @torch.no_grad()
 def inpaint(pipe: Pipeline, settings: Settings, image: Image.Image, mask: Image.Image,
             callback: StepCallback | None = None, paste_back: bool = True) -> Output:
+    refuse_hires(settings)
     image, mask = check_image("image", image), check_image("mask", mask)
     if mask.size != image.size:
         raise BadArgument(f"mask size {mask.size[0]}x{mask.size[1]} differs from image size {image.size[0]}x{image.size[1]}")
