@@ -70,3 +70,34 @@ def test_bad_arguments_exit_2_with_one_line(diffusers_dir, images, argv, message
 def test_missing_model_exits_2(tmp_path: Path, capsys) -> None:
     assert main(["generate", "x", "--model", str(tmp_path / "missing")]) == 2
     assert "no such model file or folder" in capsys.readouterr().err
+
+
+def test_lora_and_embeddings_from_the_command_line(diffusers_dir: Path, tmp_path: Path) -> None:
+    """--lora FILE:WEIGHT and --embeddings-dir give the images of the Python API, with A1111's
+    "Lora hashes" and "TI hashes" in the infotext; a missing LoRA file is one line and exit 2."""
+    import re
+
+    import torch
+    from safetensors.torch import save_file
+    from test_lora import kohya_file, random_lora
+
+    import latentdiff
+
+    pipe = latentdiff.load(diffusers_dir)
+    lora = kohya_file(random_lora(pipe, seed=3), tmp_path / "detail.safetensors")
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    save_file({"emb_params": torch.randn(2, 128, generator=torch.Generator().manual_seed(1))},
+              embeddings / "zqxtri.safetensors")
+    out = tmp_path / "lora.png"
+    assert main(["generate", "a zqxtri cat", "--model", str(diffusers_dir), "--steps", "3", "--lora", f"{lora}:0.7",
+                 "--embeddings-dir", str(embeddings), "--out", str(out)]) == 0
+    text = read_parameters(out)
+    assert re.search(r'Lora hashes: "detail: [0-9a-f]{12}"', text) and re.search(r'TI hashes: "zqxtri: [0-9a-f]{12}"', text)
+    pipe.load_lora(lora, scale=0.7)
+    pipe.load_textual_inversion(embeddings / "zqxtri.safetensors")
+    expected = pipe.txt2img("a zqxtri cat", steps=3)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    assert main(["generate", "x", "--model", str(diffusers_dir), "--lora", str(tmp_path / "none.safetensors:0.5"),
+                 "--out", str(tmp_path / "never.png")]) == 2
+    assert not (tmp_path / "never.png").exists()

@@ -1,7 +1,8 @@
 """The ``latentdiff`` command: argument parsing only; the work is done by the library.
 
     latentdiff generate PROMPT [--model M] [--negative N] [--steps 20] [--guidance 7.5]
-                               [--sampler ddim] [--seed 0] [--width W] [--height H] [--batch 1] [--out out.png]
+                               [--sampler ddim] [--schedule S] [--seed 0] [--width W] [--height H] [--batch 1]
+                               [--lora FILE[:W]] [--embeddings-dir D] [--hires-scale S] [--out out.png]
     latentdiff img2img  PROMPT --image IMG [--strength 0.75] ...
     latentdiff inpaint  PROMPT --image IMG --mask MASK [--strength 1.0] [--no-paste-back] ...
     latentdiff samplers
@@ -11,9 +12,9 @@
                         [--features clip|inception:PATH] [--clip DIR] --out DIR
     latentdiff train    vae|unet ...
 
-Bad arguments (size not a multiple of the VAE factor, strength outside [0, 1], a mask
-whose size differs from the image, an unknown sampler, a missing model or file) print
-one line and exit with status 2.
+Bad input (a latentdiff.UserError: a bad argument, file or model, or work over the memory
+budget) prints one line and exits with status 2; any other exception is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
     p.add_argument("--model", help="diffusers folder or single-file checkpoint (default: the built-in model)")
     p.add_argument("--tokenizer", help="tokenizer folder, needed with a single-file checkpoint")
     p.add_argument("--vae", help="a VAE folder or file to use instead of the model's own")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA file (kohya / A1111 or diffusers / PEFT) at WEIGHT (default 1); repeatable")
+    p.add_argument("--embeddings-dir", metavar="DIR",
+                   help="load every textual-inversion embedding in DIR (.pt, .safetensors, .bin), triggered by file name")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -227,8 +232,13 @@ def run_generate(args: argparse.Namespace) -> int:
     options = generation_options(args)
     outputs = output_paths(args.out, args.batch, args.upscale)
 
+    loras = [parse_lora_argument(text) for text in args.lora]
     pipe = latentdiff.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, vae=args.vae)
     pipe.memory_budget = limit
+    for path, weight in loras:
+        pipe.load_lora(path, scale=weight)
+    if args.embeddings_dir:
+        load_embeddings_dir(pipe, args.embeddings_dir)
     settings = pipe.settings(args.prompt, options, size=image.size if image is not None else None)
     final = settings.hires_settings() if settings.hires_size else settings
     budget.check(pipe, final, extra_pixels=final.batch * final.width * final.height * args.upscale**2
@@ -254,6 +264,39 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 MAX_UPSCALE = 64
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+
+
+def parse_lora_argument(text: str) -> tuple[Path, float]:
+    """``FILE[:WEIGHT]`` -> (an existing file, weight); a trailing ``:number`` is the weight."""
+    import math
+
+    from latentdiff.errors import BadArgument, BadFile
+
+    path, weight = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            path = head
+        except ValueError:
+            pass  # a colon inside the path
+    if not math.isfinite(weight):
+        raise BadArgument(f"--lora {text}: the weight must be a finite number")
+    if not Path(path).is_file():
+        raise BadFile(f"--lora {text}: no such LoRA file {path}")
+    return Path(path), weight
+
+
+def load_embeddings_dir(pipe, folder: str) -> list[str]:
+    """Load every embedding file in ``folder`` (sorted by name); returns the trigger names."""
+    from latentdiff.errors import BadFile
+
+    directory = Path(folder)
+    if not directory.is_dir():
+        raise BadFile(f"--embeddings-dir {folder} is not a folder")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES and p.is_file())
+    return [pipe.load_textual_inversion(p) for p in files]
 
 
 def run_samplers(args: argparse.Namespace) -> int:

@@ -115,7 +115,7 @@ class Pipeline:
         """Merge a LoRA file (kohya / A1111 ``lora_unet_*``, diffusers / PEFT ``lora_A``/``lora_B``,
         attention-processor keys) into the weights at ``scale`` (per network: ``unet_scale``,
         ``text_encoder_scale``).  Several stack.  Returns the name (default the file stem)."""
-        from .adapters import LoadedLora, read_lora
+        from .adapters import LoadedLora, lora_hash, read_lora
 
         path = Path(path)
         name = path.stem if name is None else name
@@ -124,7 +124,8 @@ class Pipeline:
         scales = {"unet": float(scale if unet_scale is None else unet_scale),
                   "text_encoder": float(scale if text_encoder_scale is None else text_encoder_scale)}
         networks = {"unet": self.unet, "text_encoder": self.text_encoder}
-        self.lora_state.add(name, LoadedLora(path, read_lora(path, networks), scales, float(scale)), networks)
+        loaded = LoadedLora(path, read_lora(path, networks), scales, float(scale), lora_hash(path))
+        self.lora_state.add(name, loaded, networks)
         return name
 
     def unload_lora(self, name: str | None = None) -> None:

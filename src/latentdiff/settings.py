@@ -99,6 +99,7 @@ class Settings:
     hires_base: tuple[int, int, int] | None = None  # in the second pass: the first's (width, height, steps)
     model: str = field(default="", compare=False)
     ti_hashes: str = field(default="", compare=False)  # A1111's "TI hashes" value ("" when none used)
+    lora_hashes: str = field(default="", compare=False)  # A1111's "Lora hashes" of the loaded LoRAs
 
     @property
     def batch(self) -> int:
@@ -144,6 +145,8 @@ class Settings:
             fields.append(f"Eta: {self.eta:g}")
         if self.clip_skip != 1:
             fields.append(f"Clip skip: {self.clip_skip}")
+        if self.lora_hashes:
+            fields.append(f"Lora hashes: {json.dumps(self.lora_hashes, ensure_ascii=False)}")
         if self.ti_hashes:
             fields.append(f"TI hashes: {json.dumps(self.ti_hashes, ensure_ascii=False)}")  # A1111's quote()
         lines = [self.prompt_of(index)]
@@ -264,7 +267,15 @@ def resolve(pipe: Pipeline, prompts: str | Sequence[str], options: GenerationOpt
         subseeds, strength_of_variation, per_prompt, eta, clip_skip, strength, options.output_type,
         options.vae_tiling, hires_scale, hires_steps, hires_strength, options.hires_upscaler, hires_size,
         None, pipe.name, ti_hashes=_ti_hashes(pipe, prompt_list, negatives),
+        lora_hashes=_lora_hashes(pipe),
     )
+
+
+def _lora_hashes(pipe: Pipeline) -> str:
+    """A1111's "Lora hashes" value of the LoRAs merged into ``pipe``: "name: hash, ..."."""
+    state = getattr(pipe, "lora_state", None)
+    loaded = state.loaded if state is not None else {}
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {lora.hash}" for name, lora in loaded.items())
 
 
 def _ti_hashes(pipe: Pipeline, prompts: list[str], negatives: list[str]) -> str:

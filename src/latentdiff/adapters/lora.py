@@ -134,6 +134,7 @@ class LoadedLora:
     patches: list[LoraPatch]
     scales: dict[str, float]  # target -> multiplier
     scale: float  # the user's overall scale (what ``Pipeline.loras`` reports)
+    hash: str = ""  # A1111's "Lora hashes" value (see latentdiff.adapters.lora_hash)
 
 
 @dataclass
