@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import latentdiff
-from latentdiff.models.clip_model import load_clip_model
+from latentdiff.checkpoints.clip_folder import load_clip_model
 from latentdiff.train import builtin
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import assert_rel_close
 from safetensors.torch import load_file
 
+from latentdiff.checkpoints.clip_folder import load_clip_model, save_clip_model
 from latentdiff.checkpoints.errors import CheckpointError
 from latentdiff.models.clip_model import (
     CLIP_STD,
@@ -18,7 +19,6 @@ from latentdiff.models.clip_model import (
     CLIPVisionConfig,
     image_list,
     image_preprocess,
-    load_clip_model,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -112,7 +112,7 @@ def test_save_loads_in_transformers(tmp_path):
     config = CLIPConfig.tiny()
     torch.manual_seed(3)
     ours = CLIPModel(config).eval()
-    ours.save(tmp_path)
+    save_clip_model(ours, tmp_path)
     hf, info = transformers.CLIPModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     _check_matches(ours, hf.eval(), config)
@@ -123,7 +123,7 @@ def test_save_loads_in_transformers(tmp_path):
 
 
 def test_save_dtype(tmp_path):
-    CLIPModel(CLIPConfig.tiny()).save(tmp_path, dtype=torch.float16)
+    save_clip_model(CLIPModel(CLIPConfig.tiny()), tmp_path, dtype=torch.float16)
     assert all(v.dtype == torch.float16 for v in load_file(tmp_path / "model.safetensors").values())
     assert load_clip_model(tmp_path, dtype=torch.float32).logit_scale.dtype == torch.float32
 

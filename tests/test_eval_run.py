@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import latentdiff
+from latentdiff.checkpoints.clip_folder import save_clip_model
 from latentdiff.cli import main
 from latentdiff.eval import feature_statistics, frechet_distance_from_stats, load_statistics, save_statistics
 from latentdiff.eval.distributed import batches, merge_shards, shard
@@ -30,7 +31,7 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random CLIP (no tokenizer files: the pipeline's tokenizer is used)."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-clip") / "clip"
-    CLIPModel(CLIPConfig.tiny()).save(folder)
+    save_clip_model(CLIPModel(CLIPConfig.tiny()), folder)
     return folder
 
 

@@ -106,7 +106,8 @@ def test_frechet_distance_input_errors():
 @pytest.fixture(scope="module")
 def clip_setup(tokenizer_dir, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    from latentdiff.models.clip_model import CLIPConfig, load_clip_model
+    from latentdiff.checkpoints.clip_folder import load_clip_model
+    from latentdiff.models.clip_model import CLIPConfig
     from latentdiff.models.tokenizer import CLIPTokenizer
 
     hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)

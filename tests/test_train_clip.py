@@ -14,7 +14,7 @@ import torch
 from latentdiff.checkpoints.errors import CheckpointError
 from latentdiff.loading import load_component
 from latentdiff.models.clip import CLIPTextModel
-from latentdiff.models.clip_model import load_clip_model
+from latentdiff.checkpoints.clip_folder import load_clip_model
 from latentdiff.models.tokenizer import CLIPTokenizer, train_clip_bpe
 from latentdiff.train.checkpoint import load_checkpoint
 from latentdiff.train.clip import (

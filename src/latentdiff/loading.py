@@ -189,12 +189,48 @@ def load_component(
     return _load_lone_vae_file(path, device, dtype)
 
 
-def _load_lone_vae_file(path: Path, device, dtype) -> nn.Module:
-    """A VAE single file in the original layout (``encoder.down.0...`` or ``first_stage_model.*``)."""
+def load_vae(model: str | Path | None = None, device: torch.device | str = "cpu",
+             dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
+    """Only the VAE of ``model``: a diffusers pipeline folder (its ``vae/``), a lone VAE folder or
+    file (either layout), an original single-file SD checkpoint (its ``first_stage_model.*``), or
+    None for the built-in model."""
+    if model is None:
+        if not (BUILTIN_MODEL / "vae").is_dir():
+            raise CheckpointError("the built-in model is not installed in this version of latentdiff; pass a model")
+        path = BUILTIN_MODEL / "vae"
+    else:
+        path = Path(model)
+        if path.is_dir() and (path / "model_index.json").is_file():
+            if not (path / "vae").is_dir():
+                raise CheckpointError(f"{path} is missing its vae/ folder")
+            path = path / "vae"
+    if path.is_file() and not (path.parent / "config.json").is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
+        vae = _load_lone_vae_file(path, device, dtype, whole_checkpoint=True)
+    else:
+        vae = load_component(path, device=device, dtype=dtype)
+    if not isinstance(vae, AutoencoderKL):
+        raise CheckpointError(f"{path} is a {type(vae).__name__}, not a VAE")
+    return vae.eval()
+
+
+def infer_vae_config(original: StateDict, source: str) -> VAEConfig:
+    """The config of a VAE in the original layout (``first_stage_model.*`` keys), from its tensor shapes."""
+    return VAEConfig.from_dict(single_file._infer_vae(original), source=f"{source} (inferred vae config)")
+
+
+def _load_lone_vae_file(path: Path, device, dtype, *, whole_checkpoint: bool = False) -> nn.Module:
+    """A VAE single file in the original layout (``encoder.down.0...`` or ``first_stage_model.*``);
+    with ``whole_checkpoint`` a whole SD checkpoint gives its ``first_stage_model.*`` part."""
     sd = read_state_dict(path)
     keys = list(sd)
-    if any(k.startswith("model.diffusion_model.") for k in keys):
+    pipeline_file = any(k.startswith("model.diffusion_model.") for k in keys)
+    if pipeline_file and not whole_checkpoint:
         raise CheckpointError(f"{path.name} is a whole pipeline checkpoint: load it with latentdiff.load()")
+    if pipeline_file:
+        sd = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+        if not sd:
+            raise CheckpointError(f"{path.name} holds no VAE weights (no first_stage_model.* keys)")
+        keys = list(sd)
     if not any(k.startswith(("encoder.", "decoder.", "first_stage_model.")) for k in keys):
         raise CheckpointError(f"{path.name}: neither a VAE nor a pipeline checkpoint (first keys: {', '.join(keys[:3])})")
     vae_sd = {
@@ -208,7 +244,7 @@ def _load_lone_vae_file(path: Path, device, dtype) -> nn.Module:
     if ignored:
         warnings.warn(f"{path.name}: ignored {len(ignored)} non-VAE entries (e.g. {', '.join(ignored[:3])})", stacklevel=3)
     original = {f"first_stage_model.{k}": v for k, v in vae_sd.items()}
-    config = VAEConfig.from_dict(single_file._infer_vae(original), source=f"{path.name} (inferred vae config)")
+    config = infer_vae_config(original, path.name)
     diffusers_sd = single_file.vae_from_original(original, config)
     sources = trace_sources(diffusers_sd, {path.name: sd})
     return build_model(KINDS["vae"], config, diffusers_sd, device, dtype, f"vae ({path.name})", sources)

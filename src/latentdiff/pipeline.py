@@ -8,7 +8,6 @@ where the three share one denoising loop), save.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from PIL import Image
 from . import generate
 from .adapters.lora import LoraState
 from .checkpoints import single_file
-from .checkpoints.diffusers_folder import DIFFUSERS_VERSION, KINDS, save_component
+from .checkpoints.diffusers_folder import KINDS, save_pipeline_folder
 from .checkpoints.io import write_safetensors
 from .errors import BadArgument
 from .models.clip import CLIPTextModel
@@ -221,24 +220,5 @@ class Pipeline:
             return
         if path.suffix.lower() in (".ckpt", ".bin", ".pt", ".pth"):
             raise ValueError(f"{path.name}: latentdiff writes safetensors only (a folder or a .safetensors file)")
-        path.mkdir(parents=True, exist_ok=True)
-        for name in KINDS:
-            save_component(getattr(self, name), path / name, name, dtype)
-        self.tokenizer.save(path / "tokenizer")
-        (path / "scheduler").mkdir(exist_ok=True)
-        scheduler = self.schedule.to_dict()
-        scheduler["_diffusers_version"] = DIFFUSERS_VERSION
-        (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": DIFFUSERS_VERSION,
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", scheduler.get("_class_name", "DDIMScheduler")],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        save_pipeline_folder(path, {name: getattr(self, name) for name in KINDS}, self.tokenizer,
+                             self.schedule.to_dict(), dtype)

@@ -14,6 +14,7 @@ normalisation, which accepts both transformers 4 and 5 layouts).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,3 +165,31 @@ def save_component(model: nn.Module, folder: str | Path, kind_name: str, dtype: 
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     write_safetensors(state_dict, folder / f"{kind.weight_stem}.safetensors")
+
+
+def save_pipeline_folder(folder: str | Path, components: dict[str, nn.Module], tokenizer: Any,
+                         scheduler: dict[str, Any], dtype: torch.dtype | None = None) -> None:
+    """Write a diffusers ``StableDiffusionPipeline`` folder: each component (``unet``, ``vae``,
+    ``text_encoder``) in its sub-folder, ``tokenizer/``, ``scheduler/scheduler_config.json`` and
+    ``model_index.json``, which diffusers' ``from_pretrained`` loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, model in components.items():
+        save_component(model, folder / name, name, dtype)
+    tokenizer.save(folder / "tokenizer")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    scheduler = {**scheduler, "_diffusers_version": DIFFUSERS_VERSION}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler.get("_class_name", "DDIMScheduler")],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -285,7 +285,7 @@ class ClipScorer:
     """A CLIP model with its tokenizer: image features (for FD) and CLIP scores."""
 
     def __init__(self, folder: Path, fallback_tokenizer: Any, device: torch.device | str) -> None:
-        from ..models.clip_model import load_clip_model
+        from ..checkpoints.clip_folder import load_clip_model
         from ..models.tokenizer import CLIPTokenizer
 
         self.folder = folder

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..checkpoints.errors import CheckpointError
 from ..errors import BadArgument
+from ..loading import load_vae
 from ..models.vae import AutoencoderKL
 from .metrics import psnr, ssim
 
@@ -48,53 +48,6 @@ def font(size: int = 14) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default(size=size)
     except (TypeError, ValueError, OSError, ImportError):  # old Pillow or no FreeType
         return ImageFont.load_default()
-
-
-def load_vae(model: str | Path | None = None, device: torch.device | str = "cpu",
-             dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
-    """Only the VAE of ``model``: a diffusers pipeline folder (its ``vae/``), a lone VAE folder or
-    file, an original single-file SD checkpoint (its ``first_stage_model.*``), or None for the
-    built-in model."""
-    from ..loading import BUILTIN_MODEL, load_component
-
-    if model is None:
-        if not (BUILTIN_MODEL / "vae").is_dir():
-            raise CheckpointError("the built-in model is not installed in this version of latentdiff; pass --model")
-        path = BUILTIN_MODEL / "vae"
-    else:
-        path = Path(model)
-        if path.is_dir() and (path / "model_index.json").is_file():
-            if not (path / "vae").is_dir():
-                raise CheckpointError(f"{path} is missing its vae/ folder")
-            path = path / "vae"
-    if path.is_file():
-        vae = _vae_from_file(path, device, dtype)
-    else:
-        vae = load_component(path, device=device, dtype=dtype)
-    if not isinstance(vae, AutoencoderKL):
-        raise CheckpointError(f"{path} is a {type(vae).__name__}, not a VAE")
-    return vae.eval()
-
-
-def _vae_from_file(path: Path, device, dtype) -> AutoencoderKL:
-    """A weight file: a lone VAE (either layout, via load_component) or a whole original checkpoint's VAE part."""
-    from ..checkpoints import single_file
-    from ..checkpoints.diffusers_folder import KINDS, build_model
-    from ..checkpoints.io import read_state_dict
-    from ..loading import load_component
-    from ..models.vae import VAEConfig
-
-    try:
-        return load_component(path, device=device, dtype=dtype)  # type: ignore[return-value]
-    except CheckpointError as err:
-        if "whole pipeline checkpoint" not in str(err):
-            raise
-    original = {k: v for k, v in read_state_dict(path).items() if k.startswith("first_stage_model.")}
-    if not original:
-        raise CheckpointError(f"{path.name} holds no VAE weights (no first_stage_model.* keys)")
-    config = VAEConfig.from_dict(single_file._infer_vae(original))
-    diffusers_sd = single_file.vae_from_original(original, config)
-    return build_model(KINDS["vae"], config, diffusers_sd, device, dtype, f"vae ({path.name})")  # type: ignore[return-value]
 
 
 def square_crop(image: Image.Image, size: int) -> Image.Image:

@@ -288,51 +288,11 @@ class CLIPModel(nn.Module):
         text = F.normalize(self.encode_text(input_ids), dim=-1)
         return self.logit_scale.exp() * image @ text.t()
 
-    def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors``, a folder ``transformers.CLIPModel.from_pretrained`` loads."""
-        from ..checkpoints.io import write_safetensors
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        extra = {"torch_dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}
-        self.config.save(folder / "config.json", **extra)
-        state_dict = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-                      for k, v in self.state_dict().items()}
-        write_safetensors(state_dict, folder / "model.safetensors")
-
 
 def normalize_clip_keys(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """Drop the ``position_ids`` buffers older transformers files carry; return (state dict, dropped keys)."""
     kept = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
     return kept, sorted(set(state_dict) - set(kept))
-
-
-def load_clip_model(
-    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> CLIPModel:
-    """Load a transformers CLIPModel folder (``config.json`` + ``model.safetensors``, its shards, or
-    ``pytorch_model.bin`` read with ``weights_only=True``), strictly: every key and shape must fit."""
-    from ..checkpoints.diffusers_folder import ComponentKind, find_weights, read_json
-    from ..checkpoints.errors import CheckpointError
-    from ..checkpoints.io import load_strict, read_state_dict
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"no such folder: {folder}")
-    raw = read_json(folder / "config.json")
-    if raw.get("model_type") not in (None, "clip") or "CLIPModel" not in (raw.get("architectures") or ["CLIPModel"]):
-        found = ", ".join(raw.get("architectures") or []) or raw.get("model_type")
-        raise CheckpointError(f"{folder / 'config.json'} describes {found!r}, not a CLIPModel")
-    config = CLIPConfig.from_dict(raw, source=folder / "config.json")
-    kind = ComponentKind("clip", CLIPConfig, CLIPModel, "model", "pytorch_model", "transformers")
-    state_dict: dict[str, Tensor] = {}
-    for path in find_weights(folder, kind):
-        state_dict.update(read_state_dict(path))
-    state_dict, _dropped = normalize_clip_keys(state_dict)
-    with torch.device("meta"):
-        model = CLIPModel(config)
-    load_strict(model, state_dict, f"CLIP model ({folder})", device=device, dtype=dtype)
-    return model  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- images

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints.errors import CheckpointError
 from ..models.config import ModelConfig
 from ..models.unet import UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
@@ -47,16 +46,10 @@ def fresh_vae(spec: str, seed: int) -> AutoencoderKL:
 
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKL:
-    """A VAE from a component folder/file, or from a pipeline folder's ``vae/``."""
-    from ..loading import load_component
+    """A float32 VAE from a component folder or file, a pipeline folder's ``vae/`` or a single file."""
+    from ..loading import load_vae as load
 
-    path = Path(path)
-    if path.is_dir() and (path / "model_index.json").is_file():
-        path = path / "vae"
-    vae = load_component(path, device=device, dtype=torch.float32)
-    if not isinstance(vae, AutoencoderKL):
-        raise CheckpointError(f"{path} is not a VAE")
-    return vae
+    return load(path, device=device, dtype=torch.float32)
 
 
 def unet_config(spec: str) -> UNetConfig:

@@ -173,7 +173,7 @@ def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Pat
     for zero-shot checks, CLIP score and FD with the model's own image tower.
     """
     import latentdiff
-    from ..models.clip_model import load_clip_model
+    from ..checkpoints.clip_folder import load_clip_model, save_clip_model
     from ..models.tokenizer import CLIPTokenizer
 
     unet_model = out / "anneal" / "model"
@@ -186,7 +186,7 @@ def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Pat
     clip_folder = out / "clip" / "clip"
     if not (clip_folder / "config.json").is_file():
         raise CheckpointError(f"the clip stage has not exported {clip_folder} yet")
-    load_clip_model(clip_folder).save(target / "clip", dtype=dtype)
+    save_clip_model(load_clip_model(clip_folder), target / "clip", dtype=dtype)
     CLIPTokenizer.from_folder(clip_folder).save(target / "clip")
     return target
 

@@ -94,7 +94,8 @@ from torch import Tensor
 from ..checkpoints.diffusers_folder import save_component
 from ..checkpoints.io import atomic_path
 from ..models.clip import CLIPTextConfig
-from ..models.clip_model import CLIPConfig, CLIPModel, CLIPVisionConfig, image_preprocess, load_clip_model
+from ..checkpoints.clip_folder import load_clip_model, save_clip_model
+from ..models.clip_model import CLIPConfig, CLIPModel, CLIPVisionConfig, image_preprocess
 from ..models.tokenizer import CLIPTokenizer, train_clip_bpe
 from ..world.captions import CaptionSpec, ObjectSpec, caption, parse_caption, sample_scene, scene_from_caption
 from ..world.dataset import WorldDataset, held_out_prompts, zero_shot_candidates
@@ -642,7 +643,7 @@ class CLIPTrainer(TrainTask):
         """``folder``: the whole CLIP (transformers layout) + tokenizer files; beside it, SD's
         ``text_encoder/`` and ``tokenizer/`` (EMA weights when EMA is on)."""
         model = self.inference_model("clip")
-        model.save(folder)
+        save_clip_model(model, folder)
         self.tokenizer.save(folder)
         save_component(model.text_encoder(), folder.parent / "text_encoder", "text_encoder")
         self.tokenizer.save(folder.parent / "tokenizer")
