@@ -64,7 +64,7 @@ def clip_zero_shot(model_dir: Path, n: int) -> dict | None:
     clip_dir = model_dir / "clip"
     if not (clip_dir / "config.json").is_file():
         return None
-    from latentdiff.models.clip_model import load_clip_model
+    from latentdiff.checkpoints.clip_folder import load_clip_model
     from latentdiff.models.tokenizer import CLIPTokenizer
     from latentdiff.train.clip import zero_shot_accuracy
 
