@@ -476,7 +476,7 @@ def test_registry_names():
     assert {k: v.name for k, v in SAMPLERS.items() if k in names} == names
     for sid, spec in SAMPLERS.items():
         for key in (sid, spec.name, spec.name.upper(), f"  {spec.name.lower()} "):
-            assert get_sampler(key) == SAMPLERS[sid]
+            assert get_sampler(key) is SAMPLERS[sid]
 
 
 def test_combined_names_resolve_to_sampler_and_schedule():

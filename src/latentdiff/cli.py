@@ -165,6 +165,7 @@ class _StepReport:
         self.command = command
         self.bar = None
         self.start = 0.0
+        self.step_seconds: float | None = None  # the second step's duration, once measured
 
     def __call__(self, step: int, total: int, _x0) -> None:
         import time
@@ -174,12 +175,11 @@ class _StepReport:
         if self.bar is None:  # created at the first step, so that argument errors print one clean line
             self.bar = tqdm(total=total, desc=self.command, unit="step", leave=False)
             self.start = time.perf_counter()
-            self.first = None
-        elif self.first is None:
-            self.first = time.perf_counter() - self.start
-            if self.first * total > LONG_RUN_SECONDS:
-                print(f"latentdiff: this will take about {_duration(self.first * total)} "
-                      f"({total} steps at {self.first:.1f} s each)", file=sys.stderr)
+        elif self.step_seconds is None:
+            self.step_seconds = time.perf_counter() - self.start
+            if self.step_seconds * total > LONG_RUN_SECONDS:
+                print(f"latentdiff: this will take about {_duration(self.step_seconds * total)} "
+                      f"({total} steps at {self.step_seconds:.1f} s each)", file=sys.stderr)
         self.bar.update(1)
 
     def close(self) -> None:

@@ -44,7 +44,7 @@ class SamplerSpec:
         if sigma_schedule is not None and sigma_schedule not in self.schedules:
             valid = ", ".join(repr(s) for s in self.schedules) or "none"
             raise BadArgument(f"sampler {self.name!r} does not take schedule type {sigma_schedule!r}; it takes: {valid}")
-        return replace(self, sigma_schedule=sigma_schedule)
+        return self if sigma_schedule == self.sigma_schedule else replace(self, sigma_schedule=sigma_schedule)
 
     @property
     def schedule_name(self) -> str:
