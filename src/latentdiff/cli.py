@@ -2,7 +2,8 @@
 
     latentdiff generate PROMPT [--model M] [--negative N] [--steps 20] [--guidance 7.5]
                                [--sampler ddim] [--schedule S] [--seed 0] [--width W] [--height H] [--batch 1]
-                               [--lora FILE[:W]] [--embeddings-dir D] [--hires-scale S] [--out out.png]
+                               [--lora FILE[:W]] [--lora-dir D] [--embeddings-dir D] [--hires-scale S]
+                               [--out out.png]
     latentdiff img2img  PROMPT --image IMG [--strength 0.75] ...
     latentdiff inpaint  PROMPT --image IMG --mask MASK [--strength 1.0] [--no-paste-back] ...
     latentdiff samplers
@@ -34,6 +35,8 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
     p.add_argument("--vae", help="a VAE folder or file to use instead of the model's own")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge a LoRA file (kohya / A1111 or diffusers / PEFT) at WEIGHT (default 1); repeatable")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors (subfolders too); repeatable")
     p.add_argument("--embeddings-dir", metavar="DIR",
                    help="load every textual-inversion embedding in DIR (.pt, .safetensors, .bin), triggered by file name")
     p.add_argument("--negative", default="", help="negative prompt")
@@ -231,9 +234,11 @@ def run_generate(args: argparse.Namespace) -> int:
                           f"{image.size[0]}x{image.size[1]}")
     options = generation_options(args)
     outputs = output_paths(args.out, args.batch, args.upscale)
+    check_lora_tags([args.prompt, args.negative], args.lora_dir)
 
     loras = [parse_lora_argument(text) for text in args.lora]
-    pipe = latentdiff.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, vae=args.vae)
+    pipe = latentdiff.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, vae=args.vae,
+                           lora_dirs=args.lora_dir)
     pipe.memory_budget = limit
     for path, weight in loras:
         pipe.load_lora(path, scale=weight)
@@ -286,6 +291,15 @@ def parse_lora_argument(text: str) -> tuple[Path, float]:
     if not Path(path).is_file():
         raise BadFile(f"--lora {text}: no such LoRA file {path}")
     return Path(path), weight
+
+
+def check_lora_tags(texts: list[str], folders: list[str]) -> None:
+    """Refuse a malformed ``<lora:...>`` tag, or one naming no file, before the model loads."""
+    from latentdiff.adapters.prompt_loras import find_lora, parse_tags
+
+    for text in texts:
+        for tag in parse_tags(text):
+            find_lora(tag.name, [Path(f) for f in folders])
 
 
 def load_embeddings_dir(pipe, folder: str) -> list[str]:

@@ -9,8 +9,10 @@ Every application runs the same numbered steps (diffusers' structure):
     5. decode                    (float32 copy of a half VAE for force_upcast or a NaN) -> PIL images
 
 Precision: latents and every sampler state are float32 whatever the networks' dtype; the
-UNet and the VAE cast at their boundary.  Nothing here mutates the pipeline or its modules,
-so threads may share one :class:`~latentdiff.pipeline.Pipeline`.
+UNet and the VAE cast at their boundary.  A generation holds the pipeline's lock (threads
+may share one :class:`~latentdiff.pipeline.Pipeline`; their calls run one at a time), and
+changes the weights only to merge the LoRAs its prompts tag (``<lora:NAME:W>``), unmerged
+bit for bit when it ends.
 
 Seeds: image ``i`` of a call uses its own ``torch.Generator("cpu").manual_seed(seeds[i])``.
 Each generator serves that image's random draws in diffusers' order, so a seed
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -50,6 +53,7 @@ from PIL import Image
 from torch import Tensor
 
 from . import budget
+from .adapters.prompt_loras import applied, strip_tags
 from .errors import BadArgument
 from .models.vae import AutoencoderKL, DiagonalGaussian
 from .samplers import vp_denoiser
@@ -76,8 +80,10 @@ class Conditioning:
 
 
 def encode_prompts(pipe: Pipeline, settings: Settings) -> Conditioning:
-    """Text embeddings for each image of the batch (prompt-major, as diffusers repeats them)."""
-    prompts, negatives = list(settings.prompts), list(settings.negative_prompts)
+    """Text embeddings for each image of the batch (prompt-major, as diffusers repeats them);
+    ``<lora:...>`` tags are not part of the text."""
+    prompts = [strip_tags(p) for p in settings.prompts]
+    negatives = [strip_tags(n) for n in settings.negative_prompts]
     cond = pipe.encode_prompt(prompts, clip_skip=settings.clip_skip)
     uncond = None
     if settings.guidance_scale > 1.0:
@@ -291,6 +297,17 @@ def finish(pipe: Pipeline, settings: Settings, latents: Tensor, pixels: Tensor |
 
 
 # ----------------------------------------------------------------------------- applications
+def holding_pipeline(run: Callable[..., Output]) -> Callable[..., Output]:
+    """Run an application under the pipeline's lock with its prompts' tagged LoRAs merged."""
+
+    @functools.wraps(run)
+    def wrapper(pipe: Pipeline, settings: Settings, *args: Any, **kwargs: Any) -> Output:
+        with pipe.generation_lock, applied(pipe, settings.loras):
+            return run(pipe, settings, *args, **kwargs)
+
+    return wrapper
+
+
 def start_latents(pipe: Pipeline, settings: Settings, latents: Tensor | None,
                   generators: Sequence[torch.Generator]) -> Tensor:
     """The unscaled start noise: ``latents`` when given (diffusers' ``latents=``, no draw), else drawn."""
@@ -306,6 +323,7 @@ def start_latents(pipe: Pipeline, settings: Settings, latents: Tensor | None,
     return latents.to(pipe.device, torch.float32)
 
 
+@holding_pipeline
 @torch.no_grad()
 def txt2img(pipe: Pipeline, settings: Settings, callback: StepCallback | None = None,
             latents: Tensor | None = None) -> Output:
@@ -325,6 +343,7 @@ def txt2img(pipe: Pipeline, settings: Settings, callback: StepCallback | None = 
 HIRES_UPSCALERS = ("latent", "latent-nearest", "lanczos")
 
 
+@holding_pipeline
 def hires_fix(pipe: Pipeline, settings: Settings, callback: StepCallback | None = None,
               latents: Tensor | None = None) -> Output:
     """A1111's hires fix: txt2img at the base size, the result upscaled (latents bilinear or
@@ -379,6 +398,7 @@ def image_latents_for(pipe: Pipeline, settings: Settings, image: Image.Image | S
     return sample_latents(vae, encode_image(pipe, vae, pixels, settings.vae_tiling), generators)
 
 
+@holding_pipeline
 @torch.no_grad()
 def img2img(pipe: Pipeline, settings: Settings, image: Image.Image | Sequence[Image.Image] | Tensor,
             callback: StepCallback | None = None) -> Output:
@@ -394,6 +414,7 @@ def img2img(pipe: Pipeline, settings: Settings, image: Image.Image | Sequence[Im
     return finish(pipe, settings, denoise(pipe, settings, plan, x, model, generators, callback))
 
 
+@holding_pipeline
 @torch.no_grad()
 def inpaint(pipe: Pipeline, settings: Settings, image: Image.Image, mask: Image.Image,
             callback: StepCallback | None = None, paste_back: bool = True) -> Output:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from .checkpoints import single_file
 from .checkpoints.diffusers_folder import KINDS, build_model, kind_of_config, load_component_folder, read_json
 from .checkpoints.errors import CheckpointError
-from .errors import BadArgument
+from .errors import BadArgument, BadFile
 from .checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, read_state_dict, trace_sources
 from .models.clip import normalize_text_encoder_keys
 from .models.tokenizer import CLIPTokenizer
@@ -40,6 +41,7 @@ def load(
     tokenizer: str | Path | None = None,
     vae: str | Path | None = None,
     variant: str | None = None,
+    lora_dirs: Sequence[str | Path] = (),
 ) -> Pipeline:
     """Load a Stable Diffusion pipeline.
 
@@ -49,8 +51,13 @@ def load(
         tokenizer: tokenizer folder for a single-file checkpoint (or to override a folder's).
         vae: a VAE folder or file that replaces the checkpoint's own.
         variant: weight-file variant to prefer in a diffusers folder (e.g. "fp16").
+        lora_dirs: folders holding the LoRAs that prompts tag as ``<lora:NAME:WEIGHT>``.
     """
     device, dtype = check_device(device), check_dtype(dtype)
+    folders = [Path(d) for d in ([lora_dirs] if isinstance(lora_dirs, (str, Path)) else lora_dirs)]
+    for folder in folders:
+        if not folder.is_dir():
+            raise BadFile(f"LoRA folder {folder} is not a folder")
     if path is None:
         if not (BUILTIN_MODEL / "model_index.json").is_file():
             raise CheckpointError(
@@ -76,6 +83,7 @@ def load(
         if not isinstance(new_vae, AutoencoderKL):
             raise CheckpointError(f"{vae} is not a VAE")
         pipe.vae = new_vae
+    pipe.lora_dirs = folders
     return pipe
 
 

@@ -8,6 +8,7 @@ where the three share one denoising loop), save.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,10 @@ class Pipeline:
     memory_budget: int | str | None = None
     #: LoRAs merged into the weights, and the original tensors they replaced (see load_lora)
     lora_state: LoraState = field(default_factory=LoraState, init=False, repr=False, compare=False)
+    #: folders searched for the LoRAs a prompt tags as ``<lora:NAME:WEIGHT>`` (subfolders too)
+    lora_dirs: list[Path] = field(default_factory=list)
+    #: held by every generation and by load_lora / unload_lora: one call at a time changes or reads the weights
+    generation_lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
     #: textual-inversion embeddings by trigger name: vectors (n, D) (see load_textual_inversion)
     embeddings: dict[str, Tensor] = field(default_factory=dict, repr=False)
     #: the file each embedding was read from (for A1111's "TI hashes")
@@ -114,10 +119,15 @@ class Pipeline:
         """Merge a LoRA file (kohya / A1111 ``lora_unet_*``, diffusers / PEFT ``lora_A``/``lora_B``,
         attention-processor keys) into the weights at ``scale`` (per network: ``unet_scale``,
         ``text_encoder_scale``).  Several stack.  Returns the name (default the file stem)."""
-        from .adapters import LoadedLora, lora_hash, read_lora
-
         path = Path(path)
         name = path.stem if name is None else name
+        with self.generation_lock:
+            return self._load_lora(path, name, scale, unet_scale, text_encoder_scale)
+
+    def _load_lora(self, path: Path, name: str, scale: float, unet_scale: float | None,
+                   text_encoder_scale: float | None) -> str:
+        from .adapters import LoadedLora, lora_hash, read_lora
+
         if name in self.lora_state.loaded:
             raise BadArgument(f"a LoRA named {name!r} is already loaded (unload it first, or pass name=)")
         scales = {"unet": float(scale if unet_scale is None else unet_scale),
@@ -129,9 +139,11 @@ class Pipeline:
 
     def unload_lora(self, name: str | None = None) -> None:
         """Unmerge the LoRA ``name``, or all of them; with none left the weights are the originals, bit for bit."""
-        if name is not None and name not in self.lora_state.loaded:
-            raise BadArgument(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self.lora_state.loaded) or 'none'})")
-        self.lora_state.remove(name, {"unet": self.unet, "text_encoder": self.text_encoder})
+        with self.generation_lock:
+            if name is not None and name not in self.lora_state.loaded:
+                raise BadArgument(f"no LoRA named {name!r} is loaded "
+                                  f"(loaded: {', '.join(self.lora_state.loaded) or 'none'})")
+            self.lora_state.remove(name, {"unet": self.unet, "text_encoder": self.text_encoder})
 
     @property
     def loras(self) -> dict[str, float]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .adapters.prompt_loras import PromptLora, resolve_prompt_loras, strip_tags
 from .errors import BadArgument
 from .samplers import SamplerSpec, get_sampler
 
@@ -100,6 +101,7 @@ class Settings:
     model: str = field(default="", compare=False)
     ti_hashes: str = field(default="", compare=False)  # A1111's "TI hashes" value ("" when none used)
     lora_hashes: str = field(default="", compare=False)  # A1111's "Lora hashes" of the loaded LoRAs
+    loras: tuple[PromptLora, ...] = field(default=(), compare=False)  # the prompts' <lora:...> tags, resolved
 
     @property
     def batch(self) -> int:
@@ -262,20 +264,25 @@ def resolve(pipe: Pipeline, prompts: str | Sequence[str], options: GenerationOpt
             raise BadArgument("hires_scale applies to txt2img only (its strength is hires_strength)")
         hires_size = (int(dims["width"] * hires_scale) // factor * factor,
                       int(dims["height"] * hires_scale) // factor * factor)
+    loras = resolve_prompt_loras(prompt_list + negatives, getattr(pipe, "lora_dirs", ()))
     return Settings(
         tuple(prompt_list), tuple(negatives), dims["width"], dims["height"], steps, guidance, sampler, seeds,
         subseeds, strength_of_variation, per_prompt, eta, clip_skip, strength, options.output_type,
         options.vae_tiling, hires_scale, hires_steps, hires_strength, options.hires_upscaler, hires_size,
-        None, pipe.name, ti_hashes=_ti_hashes(pipe, prompt_list, negatives),
-        lora_hashes=_lora_hashes(pipe),
+        None, pipe.name, ti_hashes=_ti_hashes(pipe, [strip_tags(p) for p in prompt_list],
+                                              [strip_tags(n) for n in negatives]),
+        lora_hashes=_lora_hashes(pipe, loras), loras=loras,
     )
 
 
-def _lora_hashes(pipe: Pipeline) -> str:
-    """A1111's "Lora hashes" value of the LoRAs merged into ``pipe``: "name: hash, ..."."""
+def _lora_hashes(pipe: Pipeline, tagged: tuple[PromptLora, ...]) -> str:
+    """A1111's "Lora hashes" value of the LoRAs loaded into ``pipe`` and of those the prompts
+    tag: "name: hash, ..."."""
     state = getattr(pipe, "lora_state", None)
-    loaded = state.loaded if state is not None else {}
-    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {lora.hash}" for name, lora in loaded.items())
+    loaded = [(name, lora.hash) for name, lora in (state.loaded.items() if state is not None else ())
+              if not name.startswith("<lora:")]  # (a tagged LoRA merged by an enclosing call)
+    loaded += [(lora.name, lora.hash) for lora in tagged]
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in loaded)
 
 
 def _ti_hashes(pipe: Pipeline, prompts: list[str], negatives: list[str]) -> str:
