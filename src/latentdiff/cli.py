@@ -6,6 +6,8 @@
                                [--out out.png]
     latentdiff img2img  PROMPT --image IMG [--strength 0.75] ...
     latentdiff inpaint  PROMPT --image IMG --mask MASK [--strength 1.0] [--no-paste-back] ...
+    latentdiff outpaint IMAGE [--prompt P] [--left PX] [--right PX] [--top PX] [--bottom PX]
+                        [--fill edge|noise] [--feather 8] ...
     latentdiff samplers
     latentdiff vae      IMAGE [--model M] [--size 256] [--out FILE]
     latentdiff eval     --prompts FILE|builtin --guidance 1,3,7.5 [--samplers ddim:20,euler_a:20]
@@ -28,8 +30,12 @@ from pathlib import Path
 from . import __version__
 
 
-def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None) -> None:
-    p.add_argument("prompt", help="the text prompt (A1111 weighting syntax allowed: (word:1.3), [word])")
+def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None, *, outpaint: bool = False) -> None:
+    if outpaint:
+        p.add_argument("image", help="the image to extend")
+        p.add_argument("--prompt", help="the text prompt (default: the prompt in the image's PNG parameters, else empty)")
+    else:
+        p.add_argument("prompt", help="the text prompt (A1111 weighting syntax allowed: (word:1.3), [word])")
     p.add_argument("--model", help="diffusers folder or single-file checkpoint (default: the built-in model)")
     p.add_argument("--tokenizer", help="tokenizer folder, needed with a single-file checkpoint")
     p.add_argument("--vae", help="a VAE folder or file to use instead of the model's own")
@@ -39,7 +45,8 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
                    help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors (subfolders too); repeatable")
     p.add_argument("--embeddings-dir", metavar="DIR",
                    help="load every textual-inversion embedding in DIR (.pt, .safetensors, .bin), triggered by file name")
-    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--negative", default=None if outpaint else "",
+                   help="negative prompt" + (" (default: the image's, as for --prompt)" if outpaint else ""))
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", default="ddim", help="sampler id or A1111 name (see `latentdiff samplers`)")
@@ -69,7 +76,8 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
         p.add_argument("--hires-strength", type=float, default=0.7, help="denoising strength of the hires pass")
         p.add_argument("--hires-upscaler", default="latent", choices=["latent", "latent-nearest", "lanczos"])
     if strength is not None:
-        p.add_argument("--image", required=True, help="the input image")
+        if not outpaint:
+            p.add_argument("--image", required=True, help="the input image")
         p.add_argument("--strength", type=float, default=strength,
                        help=f"how much to change the image, 0..1 (default {strength})")
 
@@ -97,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--mask", required=True, help="mask image: white is repainted, black is kept")
     inp.add_argument("--no-paste-back", action="store_true", help="do not restore the kept pixels exactly")
     inp.set_defaults(func=run_generate)
+    out = commands.add_parser("outpaint", help="extend an image's canvas and paint the new area")
+    _add_generation_arguments(out, 1.0, outpaint=True)
+    for side in ("left", "right", "top", "bottom"):
+        out.add_argument(f"--{side}", type=int, default=0, metavar="PX", help=f"pixels to add on the {side}")
+    out.add_argument("--fill", default="edge", choices=["edge", "noise"],
+                     help="what the new area starts as: stretched border pixels (default) or noise")
+    out.add_argument("--feather", type=int, default=8, metavar="PX",
+                     help="how far the mask reaches into the old edge, blended (default 8; 0 keeps every old pixel)")
+    out.set_defaults(func=run_generate)
     samplers = commands.add_parser("samplers", help="list the samplers")
     samplers.set_defaults(func=run_samplers)
     _add_vae_parser(commands)
@@ -232,6 +249,15 @@ def run_generate(args: argparse.Namespace) -> int:
     if mask is not None and mask.size != image.size:
         raise BadArgument(f"mask size {mask.size[0]}x{mask.size[1]} differs from image size "
                           f"{image.size[0]}x{image.size[1]}")
+    size = image.size if image is not None else None
+    if args.command == "outpaint":
+        from latentdiff.outpaint import Extension, check_extension
+
+        args.prompt, args.negative = outpaint_prompts(args.image, args.prompt, args.negative)
+        if args.width is not None or args.height is not None:
+            raise BadArgument("outpaint sets the size itself (the image plus --left/--right/--top/--bottom)")
+        extension = Extension(args.left, args.right, args.top, args.bottom, args.fill, args.feather)
+        size = check_extension(extension, image.size, 1).canvas_size(image.size)  # the VAE factor: once loaded
     options = generation_options(args)
     outputs = output_paths(args.out, args.batch, args.upscale)
     check_lora_tags([args.prompt, args.negative], args.lora_dir)
@@ -244,7 +270,9 @@ def run_generate(args: argparse.Namespace) -> int:
         pipe.load_lora(path, scale=weight)
     if args.embeddings_dir:
         load_embeddings_dir(pipe, args.embeddings_dir)
-    settings = pipe.settings(args.prompt, options, size=image.size if image is not None else None)
+    if args.command == "outpaint":
+        check_extension(extension, image.size, pipe.vae_factor)
+    settings = pipe.settings(args.prompt, options, size=size)
     final = settings.hires_settings() if settings.hires_size else settings
     budget.check(pipe, final, extra_pixels=final.batch * final.width * final.height * args.upscale**2
                  if args.upscale > 1 else 0)
@@ -254,8 +282,11 @@ def run_generate(args: argparse.Namespace) -> int:
             images = pipe.txt2img(args.prompt, options, callback=report)
         elif args.command == "img2img":
             images = pipe.img2img(args.prompt, image, options, callback=report)
-        else:
+        elif args.command == "inpaint":
             images = pipe.inpaint(args.prompt, image, mask, options, callback=report, paste_back=not args.no_paste_back)
+        else:
+            images = pipe.outpaint(args.prompt, image, options, left=args.left, right=args.right, top=args.top,
+                                   bottom=args.bottom, fill=args.fill, feather=args.feather, callback=report)
     finally:
         report.close()
     for image_out, path in zip(images, outputs):
@@ -291,6 +322,20 @@ def parse_lora_argument(text: str) -> tuple[Path, float]:
     if not Path(path).is_file():
         raise BadFile(f"--lora {text}: no such LoRA file {path}")
     return Path(path), weight
+
+
+def outpaint_prompts(image: str, prompt: str | None, negative: str | None) -> tuple[str, str]:
+    """The prompt and negative prompt of ``outpaint``: as given, else the image's own (from its
+    A1111 ``parameters`` text), else empty."""
+    from latentdiff.png import parse_parameters, read_parameters
+
+    theirs_prompt, theirs_negative = "", ""
+    if prompt is None or negative is None:
+        try:
+            theirs_prompt, theirs_negative = parse_parameters(read_parameters(image) or "")
+        except OSError:  # not readable as an image: open_image has reported it already
+            pass
+    return (theirs_prompt if prompt is None else prompt), (theirs_negative if negative is None else negative)
 
 
 def check_lora_tags(texts: list[str], folders: list[str]) -> None:

@@ -215,6 +215,28 @@ class Pipeline:
         return generate.inpaint(self, self.settings(prompts, options, size=size, **fields), image, mask, callback,
                                 paste_back)
 
+    def outpaint(self, prompts: str | list[str], image: Image.Image, options: GenerationOptions | None = None, *,
+                 left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, fill: str = "edge",
+                 feather: int = 8, callback: generate.StepCallback | None = None,
+                 **fields: Any) -> list[Image.Image]:
+        """Extend ``image`` by ``left``/``right``/``top``/``bottom`` pixels and paint the new area:
+        the canvas filled by ``fill`` ("edge": border pixels stretched; "noise"), inpainted with
+        a mask feathered ``feather`` pixels into the old edge, composited so that every old pixel
+        outside that band is kept exactly (see :mod:`latentdiff.outpaint`).  The size is the
+        canvas's; ``strength`` defaults to 1 (the fill matters below 1)."""
+        from .outpaint import Extension, check_extension, outpaint
+
+        image = generate.check_image("image", image)
+        extension = check_extension(Extension(left, right, top, bottom, fill, feather), image.size, self.vae_factor)
+        canvas = extension.canvas_size(image.size)
+        settings = self.settings(prompts, options, size=canvas, **fields)
+        if (settings.width, settings.height) != canvas:
+            raise BadArgument(f"outpainting makes a {canvas[0]}x{canvas[1]} canvas (the image and the added sides); "
+                              f"leave width and height unset, got {settings.width}x{settings.height}")
+        if settings.output_type != "pil":
+            raise BadArgument("outpainting returns images (output_type 'pil')")
+        return outpaint(self, settings, image, extension, callback)
+
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         """Save as a diffusers folder (loadable by ``diffusers.StableDiffusionPipeline``),
         or as one original-layout ``.safetensors`` file when ``path`` ends in ``.safetensors``

@@ -31,3 +31,13 @@ def read_parameters(path: str | Path) -> str | None:
     """The ``parameters`` text of a PNG file, or None."""
     with Image.open(path) as image:
         return image.info.get("parameters")
+
+
+def parse_parameters(text: str) -> tuple[str, str]:
+    """(prompt, negative prompt) of an A1111 ``parameters`` text (its last line holds the settings)."""
+    lines = text.split("\n")
+    body = lines[:-1] if lines[-1].startswith("Steps: ") else lines
+    for i, line in enumerate(body):
+        if line.startswith("Negative prompt: "):
+            return "\n".join(body[:i]), "\n".join([line.removeprefix("Negative prompt: "), *body[i + 1:]])
+    return "\n".join(body), ""
