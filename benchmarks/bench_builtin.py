@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON")
     args = parser.parse_args()
     model_dir = args.model or latentdiff.loading.BUILTIN_MODEL
-    pipe = latentdiff.load(model_dir)
+    pipe = latentdiff.load(model_dir, dtype=torch.float32)
     prompts = held_out_prompts(args.prompts)
     t0 = time.perf_counter()
     adherence, images = prompt_adherence(pipe, prompts, args.batch, args.steps)

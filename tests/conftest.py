@@ -14,6 +14,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference libraries must never reach for a hub
+# The parity tests compare float32 networks with the reference libraries' float32: pin the default
+# dtype (bfloat16 on a CPU with native bf16); test_speed_dtype checks the automatic choice itself.
+os.environ["LATENTDIFF_DTYPE"] = "float32"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

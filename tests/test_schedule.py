@@ -72,7 +72,8 @@ def test_absent_keys_resolve_like_from_config(cls):
         ours = ScheduleConfig.from_dict(config).resolve(cls)
         theirs = getattr(diffusers, cls).from_config(config).config
         for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "timestep_spacing",
-                    "steps_offset", "prediction_type", "clip_sample", "set_alpha_to_one", "skip_prk_steps"):
+                    "steps_offset", "prediction_type", "clip_sample", "set_alpha_to_one", "skip_prk_steps",
+                    "original_inference_steps", "timestep_scaling"):
             if key in theirs:
                 assert getattr(ours, key) == theirs[key], (cls, key)
 

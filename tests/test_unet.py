@@ -177,7 +177,7 @@ def test_config_round_trip(tmp_path):
         ({"mid_block_scale_factor": 2}, "mid_block_scale_factor"),
         ({"num_class_embeds": 10}, "num_class_embeds"),
         ({"conv_in_kernel": 7}, "conv_in_kernel"),
-        ({"time_cond_proj_dim": 256}, "time_cond_proj_dim"),
+        ({"time_cond_proj_dim": 0}, "time_cond_proj_dim"),  # supported (LCM-distilled UNets) when > 0
         ({"encoder_hid_dim": 1024}, "encoder_hid_dim"),
         ({"attention_head_dim": [8, 8, 8]}, "attention heads"),
         ({"attention_head_dim": 7}, "attention heads"),

@@ -61,10 +61,14 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
     p.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--clip-skip", type=int, default=1, help="A1111 'Clip skip' (default 1: last layer)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the networks' dtype (default auto: bfloat16 on a CPU with native bf16, float16 on CUDA, "
+                        "else float32; latents stay float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="refuse work needing more memory than this, e.g. 6G (default: 80%% of the free memory)")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="DeepCache: run the whole UNet once every N calls, reuse its deep features between (default 1: off)")
     p.add_argument("--tile-vae", action="store_true", help="encode/decode in overlapping tiles (large images)")
     p.add_argument("--out", default="out.png", help="output PNG; a batch writes NAME-0.png, NAME-1.png, ...")
     p.add_argument("--upscale", type=int, default=1, metavar="N",
@@ -181,8 +185,9 @@ class _StepReport:
     """The progress bar of a generation, and a one-line time estimate when the first step shows
     that the whole run will take more than about a minute."""
 
-    def __init__(self, command: str) -> None:
+    def __init__(self, command: str, note: str | None = None) -> None:
         self.command = command
+        self.note = note  # printed at the first step, once every argument has proved good
         self.bar = None
         self.start = 0.0
         self.step_seconds: float | None = None  # the second step's duration, once measured
@@ -193,6 +198,8 @@ class _StepReport:
         from tqdm import tqdm
 
         if self.bar is None:  # created at the first step, so that argument errors print one clean line
+            if self.note:
+                print(self.note, file=sys.stderr)
             self.bar = tqdm(total=total, desc=self.command, unit="step", leave=False)
             self.start = time.perf_counter()
         elif self.step_seconds is None:
@@ -223,12 +230,15 @@ def generation_options(args: argparse.Namespace):
         guidance_scale=args.guidance, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
         subseed=args.subseed, subseed_strength=args.subseed_strength, images_per_prompt=args.batch, eta=args.eta,
         clip_skip=args.clip_skip, strength=getattr(args, "strength", None), vae_tiling=args.tile_vae,
+        cache_interval=args.cache_interval,
         **({"hires_scale": args.hires_scale, "hires_steps": args.hires_steps, "hires_strength": args.hires_strength,
             "hires_upscaler": args.hires_upscaler} if args.command == "generate" else {}),
     )
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
     import latentdiff
     from latentdiff import budget
     from latentdiff.errors import BadArgument
@@ -276,7 +286,11 @@ def run_generate(args: argparse.Namespace) -> int:
     final = settings.hires_settings() if settings.hires_size else settings
     budget.check(pipe, final, extra_pixels=final.batch * final.width * final.height * args.upscale**2
                  if args.upscale > 1 else 0)
-    report = _StepReport(args.command)
+    note = None
+    if args.dtype == "auto":
+        hint = "" if pipe.dtype == torch.float32 else "; --dtype float32 for full precision"
+        note = f"latentdiff: networks in {pipe.dtype_reason}{hint}"
+    report = _StepReport(args.command, note)
     try:
         if args.command == "generate":
             images = pipe.txt2img(args.prompt, options, callback=report)

@@ -21,6 +21,7 @@ gives the same image as diffusers with a list of CPU generators, on any device:
   - img2img: the posterior sample of the encoded image, then the noise, then the sampler's;
   - inpaint: (4-channel model or strength < 1: the image's posterior sample), the noise,
     the masked image's posterior sample, then the sampler's noise.
+  A tiny autoencoder (TAESD) encodes without a posterior: its "samples" draw nothing, as in diffusers.
 Noise is drawn in float32 on the CPU and then moved.  Each distinct input image is encoded once
 per call; the per-image posterior samples are drawn from that one encoding.  Variation seeds
 blend the initial noise as A1111 does (:func:`latentdiff.settings.variation_noise`).
@@ -55,10 +56,13 @@ from torch import Tensor
 from . import budget
 from .adapters.prompt_loras import applied, strip_tags
 from .errors import BadArgument
-from .models.vae import AutoencoderKL, DiagonalGaussian
+from .models.layers import guidance_scale_embedding
+from .models.taesd import Autoencoder, TinyAutoencoder, TinyLatents
+from .models.vae import DiagonalGaussian
 from .samplers import vp_denoiser
 from .schedule import SigmaPlan
 from .settings import Settings, variation_noise
+from .speed.deepcache import FeatureCache
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -86,7 +90,7 @@ def encode_prompts(pipe: Pipeline, settings: Settings) -> Conditioning:
     negatives = [strip_tags(n) for n in settings.negative_prompts]
     cond = pipe.encode_prompt(prompts, clip_skip=settings.clip_skip)
     uncond = None
-    if settings.guidance_scale > 1.0:
+    if settings.guidance_scale > 1.0 and lcm_cond_dim(pipe) is None:  # an LCM-distilled UNet takes no CFG
         length = pipe.tokenizer.model_max_length
         chunks = cond.shape[1] // length
         uncond = pipe.encode_prompt(negatives, clip_skip=settings.clip_skip, min_chunks=chunks)
@@ -134,7 +138,7 @@ def check_image(name: str, image: object) -> Image.Image:
     return image
 
 
-def vae_for(pipe: Pipeline) -> AutoencoderKL:
+def vae_for(pipe: Pipeline) -> Autoencoder:
     """The VAE to run: the pipeline's own, or a float32 copy of a float16 VAE whose config asks
     for ``force_upcast`` (the shared module is never cast)."""
     vae = pipe.vae
@@ -143,19 +147,20 @@ def vae_for(pipe: Pipeline) -> AutoencoderKL:
     return vae
 
 
-def float32_copy(vae: AutoencoderKL) -> AutoencoderKL:
+def float32_copy(vae: Autoencoder) -> Autoencoder:
     return copy.deepcopy(vae).float()
 
 
-def encode_image(pipe: Pipeline, vae: AutoencoderKL, pixels: Tensor, tiled: bool) -> DiagonalGaussian:
-    """The posterior of one image (1, 3, H, W), encoded once."""
+def encode_image(pipe: Pipeline, vae: Autoencoder, pixels: Tensor, tiled: bool) -> DiagonalGaussian | TinyLatents:
+    """The posterior of one image (1, 3, H, W), encoded once (a tiny autoencoder's plain latents)."""
     image = pixels.to(pipe.device, vae_dtype(vae))
     return vae.encode_tiled(image) if tiled else vae.encode(image)
 
 
-def sample_latents(vae: AutoencoderKL, posterior: DiagonalGaussian, generators: Sequence[torch.Generator]) -> Tensor:
+def sample_latents(vae: Autoencoder, posterior: DiagonalGaussian | TinyLatents,
+                   generators: Sequence[torch.Generator]) -> Tensor:
     """Scaled float32 latents (B, C, h, w): one posterior sample per generator (each draws
-    ``(1, C, h, w)`` as diffusers' encoder of a single image does)."""
+    ``(1, C, h, w)`` as diffusers' encoder of a single image does; a tiny autoencoder draws nothing)."""
     return vae.scale_latents(torch.cat([posterior.sample(g) for g in generators]).float())
 
 
@@ -167,23 +172,41 @@ def skip_posterior_draw(shape: tuple[int, int, int], dtype: torch.dtype, generat
         torch.randn((1, *shape), generator=g, dtype=dtype)
 
 
-def vae_dtype(vae: AutoencoderKL) -> torch.dtype:
+def vae_dtype(vae: Autoencoder) -> torch.dtype:
     return next(vae.parameters()).dtype
 
 
 # ----------------------------------------------------------------------------- step 4
-def guided_model(pipe: Pipeline, conditioning: Conditioning, guidance_scale: float, extra: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+def lcm_cond_dim(pipe: Pipeline) -> int | None:
+    """The UNet's ``time_cond_proj_dim``: the guidance-embedding width of an LCM-distilled UNet, else None."""
+    return getattr(pipe.unet.config, "time_cond_proj_dim", None)
+
+
+def guided_model(pipe: Pipeline, conditioning: Conditioning, guidance_scale: float, extra: Tensor | None = None,
+                 cache_interval: int = 1) -> Callable[[Tensor, Tensor], Tensor]:
     """The UNet as ``eps(x_vp, t)``, with classifier-free guidance and extra input channels
-    (inpainting).  Input is cast to the UNet's dtype, output back to float32."""
+    (inpainting).  Input is cast to the UNet's dtype, output back to float32.  A UNet with
+    ``time_cond_proj_dim`` (LCM-distilled) instead runs once per step on the prompt with the
+    embedding of ``guidance_scale - 1`` as ``timestep_cond`` (diffusers' LatentConsistencyModelPipeline).
+    ``cache_interval`` > 1 turns on DeepCache for this generation (:mod:`latentdiff.speed.deepcache`)."""
+    cache = FeatureCache(cache_interval) if cache_interval > 1 else None
+    w_embedding = None
+    cond_dim = lcm_cond_dim(pipe)
+    if cond_dim is not None:
+        w = torch.full((conditioning.cond.shape[0],), guidance_scale - 1, dtype=torch.float32)
+        w_embedding = guidance_scale_embedding(w, cond_dim).to(pipe.device)
 
     def model(x_vp: Tensor, t: Tensor) -> Tensor:
         x_in = x_vp.to(pipe.dtype)
         if extra is not None:
             x_in = torch.cat([x_in, extra.to(pipe.dtype)], dim=1)  # (B, 4 + 1 + 4, h, w) for 9-channel inpainting
         t = t.reshape(-1).expand(x_in.shape[0]) if t.numel() == 1 else t
+        if w_embedding is not None:  # LCM-distilled: guidance is an input, one pass, no CFG batch
+            return pipe.unet(x_in, t, conditioning.cond, timestep_cond=w_embedding, feature_cache=cache).to(x_vp.dtype)
         if not conditioning.guided:
-            return pipe.unet(x_in, t, conditioning.cond).to(x_vp.dtype)
-        both = pipe.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([conditioning.uncond, conditioning.cond]))
+            return pipe.unet(x_in, t, conditioning.cond, feature_cache=cache).to(x_vp.dtype)
+        both = pipe.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([conditioning.uncond, conditioning.cond]),
+                         feature_cache=cache)
         uncond, cond = both.to(x_vp.dtype).chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
@@ -260,7 +283,7 @@ def decode(pipe: Pipeline, latents: Tensor, tiled: bool = False) -> Tensor:
     with a float32 copy, with a warning.  The pipeline's VAE is never cast.
     """
 
-    def run(vae: AutoencoderKL) -> Tensor:
+    def run(vae: Autoencoder) -> Tensor:
         z = vae.unscale_latents(latents.to(vae_dtype(vae)))
         return vae.decode_tiled(z) if tiled else vae.decode(z)
 
@@ -334,7 +357,7 @@ def txt2img(pipe: Pipeline, settings: Settings, callback: StepCallback | None = 
     generators = settings.generators()
     conditioning = encode_prompts(pipe, settings)
     x = start_latents(pipe, settings, latents, generators) * plan.init_noise_sigma
-    model = guided_model(pipe, conditioning, settings.guidance_scale)
+    model = guided_model(pipe, conditioning, settings.guidance_scale, cache_interval=settings.cache_interval)
     return finish(pipe, settings, denoise(pipe, settings, plan, x, model, generators, callback))
 
 
@@ -410,7 +433,7 @@ def img2img(pipe: Pipeline, settings: Settings, image: Image.Image | Sequence[Im
     conditioning = encode_prompts(pipe, settings)
     x = image_latents_for(pipe, settings, image, generators) + float(plan.sigmas[0]) * initial_noise(
         pipe, settings, generators)
-    model = guided_model(pipe, conditioning, settings.guidance_scale)
+    model = guided_model(pipe, conditioning, settings.guidance_scale, cache_interval=settings.cache_interval)
     return finish(pipe, settings, denoise(pipe, settings, plan, x, model, generators, callback))
 
 
@@ -449,11 +472,13 @@ def inpaint(pipe: Pipeline, settings: Settings, image: Image.Image, mask: Image.
 
     if masked is not None:
         extra = torch.cat([repaint_latent, sample_latents(vae, masked, generators)], dim=1)  # (B, 5, h, w)
-        model = guided_model(pipe, conditioning, settings.guidance_scale, extra=extra)
+        model = guided_model(pipe, conditioning, settings.guidance_scale, extra=extra,
+                             cache_interval=settings.cache_interval)
         latents = denoise(pipe, settings, plan, x, model, generators, callback)
     else:
-        skip_posterior_draw((pipe.vae.config.latent_channels, h, w), vae_dtype(vae), generators)
-        model = guided_model(pipe, conditioning, settings.guidance_scale)
+        if not isinstance(vae, TinyAutoencoder):  # diffusers' tiny encoder draws nothing either
+            skip_posterior_draw((pipe.vae.config.latent_channels, h, w), vae_dtype(vae), generators)
+        model = guided_model(pipe, conditioning, settings.guidance_scale, cache_interval=settings.cache_interval)
         known = KnownRegion(image_latents, 1 - repaint_latent, noise)
         latents = denoise(pipe, settings, plan, x, model, generators, callback, known=known)
     return finish(pipe, settings, latents, pixels if paste_back else None, repaint if paste_back else None)

@@ -24,8 +24,12 @@ from .errors import BadArgument, BadFile
 from .checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, read_state_dict, trace_sources
 from .models.clip import normalize_text_encoder_keys
 from .models.tokenizer import CLIPTokenizer
+from .checkpoints import taesd_files
+from .models.taesd import TinyAutoencoder
 from .models.vae import AutoencoderKL, VAEConfig
 from .pipeline import Pipeline
+from .speed.dtype import DTYPES, choose_dtype
+from .speed.prepack import prepack_convolutions
 from .schedule import ScheduleConfig
 
 BUILTIN_MODEL = Path(__file__).parent / "weights" / "shapes-v2"
@@ -36,7 +40,7 @@ WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 def load(
     path: str | Path | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
     *,
     tokenizer: str | Path | None = None,
     vae: str | Path | None = None,
@@ -47,13 +51,23 @@ def load(
 
     Args:
         path: a diffusers folder or an original single file; None for the built-in model.
-        device, dtype: where the networks live and their floating point type.
+        device, dtype: where the networks live and their floating point type; ``None`` (or
+            "auto") picks the machine's fastest safe one (:func:`latentdiff.speed.choose_dtype`:
+            bfloat16 on a CPU with native bf16, float16 on CUDA, else float32), recorded in
+            ``pipe.dtype_reason``.
         tokenizer: tokenizer folder for a single-file checkpoint (or to override a folder's).
-        vae: a VAE folder or file that replaces the checkpoint's own.
+        vae: a VAE folder or file that replaces the checkpoint's own (also TAESD: an
+            ``AutoencoderTiny`` folder, an original ``taesd_decoder``/``taesd_encoder`` file or their folder).
         variant: weight-file variant to prefer in a diffusers folder (e.g. "fp16").
         lora_dirs: folders holding the LoRAs that prompts tag as ``<lora:NAME:WEIGHT>``.
     """
-    device, dtype = check_device(device), check_dtype(dtype)
+    device = check_device(device)
+    if dtype is None or dtype == "auto":
+        choice = choose_dtype(device)
+        dtype, reason = choice.dtype, choice.reason
+    else:
+        dtype = check_dtype(dtype)
+        reason = f"{str(dtype).removeprefix('torch.')} (asked for)"
     folders = [Path(d) for d in ([lora_dirs] if isinstance(lora_dirs, (str, Path)) else lora_dirs)]
     for folder in folders:
         if not folder.is_dir():
@@ -80,10 +94,13 @@ def load(
         raise CheckpointError(f"no such model file or folder: {path}")
     if vae is not None:
         new_vae = load_component(vae, device=device, dtype=dtype)
-        if not isinstance(new_vae, AutoencoderKL):
+        if not isinstance(new_vae, (AutoencoderKL, TinyAutoencoder)):
             raise CheckpointError(f"{vae} is not a VAE")
         pipe.vae = new_vae
     pipe.lora_dirs = folders
+    pipe.dtype_reason = reason
+    for network in (pipe.unet, pipe.vae):
+        prepack_convolutions(network)  # CPU inference reuses oneDNN-ordered conv weights (latentdiff.speed.prepack)
     return pipe
 
 
@@ -130,7 +147,7 @@ def _load_single_file(path: Path, device, dtype, tokenizer: CLIPTokenizer) -> Pi
     return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=ScheduleConfig(), name=path.stem)
 
 
-FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOAT_DTYPES = DTYPES
 
 
 def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -177,10 +194,16 @@ def load_component(
     variant: str | None = None,
 ) -> nn.Module | CLIPTokenizer:
     """Load one component: a diffusers component folder (unet/, vae/, text_encoder/, tokenizer/),
-    a weight file inside such a folder, or a stand-alone VAE single file in the original layout.
+    a weight file inside such a folder, or a stand-alone VAE single file in the original layout;
+    for TAESD also an original ``taesd_decoder`` / ``taesd_encoder`` file (with its other half when
+    it sits beside it) or a folder of them.
     """
     path = Path(path)
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            found = taesd_files.find_in_folder(path)
+            if found:
+                return taesd_files.load_folder(path, found, device, dtype)
         return load_component_folder(path, device, dtype, variant)
     if not path.is_file():
         raise CheckpointError(f"no such component file or folder: {path}")
@@ -198,7 +221,7 @@ def load_component(
 
 
 def load_vae(model: str | Path | None = None, device: torch.device | str = "cpu",
-             dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
+             dtype: torch.dtype | None = torch.float32) -> AutoencoderKL | TinyAutoencoder:
     """Only the VAE of ``model``: a diffusers pipeline folder (its ``vae/``), a lone VAE folder or
     file (either layout), an original single-file SD checkpoint (its ``first_stage_model.*``), or
     None for the built-in model."""
@@ -216,7 +239,7 @@ def load_vae(model: str | Path | None = None, device: torch.device | str = "cpu"
         vae = _load_lone_vae_file(path, device, dtype, whole_checkpoint=True)
     else:
         vae = load_component(path, device=device, dtype=dtype)
-    if not isinstance(vae, AutoencoderKL):
+    if not isinstance(vae, (AutoencoderKL, TinyAutoencoder)):
         raise CheckpointError(f"{path} is a {type(vae).__name__}, not a VAE")
     return vae.eval()
 
@@ -228,9 +251,14 @@ def infer_vae_config(original: StateDict, source: str) -> VAEConfig:
 
 def _load_lone_vae_file(path: Path, device, dtype, *, whole_checkpoint: bool = False) -> nn.Module:
     """A VAE single file in the original layout (``encoder.down.0...`` or ``first_stage_model.*``);
-    with ``whole_checkpoint`` a whole SD checkpoint gives its ``first_stage_model.*`` part."""
+    with ``whole_checkpoint`` a whole SD checkpoint gives its ``first_stage_model.*`` part.
+    An original TAESD file (``nn.Sequential`` index keys) gives a TinyAutoencoder."""
     sd = read_state_dict(path)
+    if taesd_files.is_original_layout(sd):
+        return taesd_files.load_file(path, sd, device, dtype)
     keys = list(sd)
+    if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys):  # diffusers' AutoencoderTiny
+        raise CheckpointError(f"{path.name}: a diffusers-layout AutoencoderTiny file needs its config.json beside it")
     pipeline_file = any(k.startswith("model.diffusion_model.") for k in keys)
     if pipeline_file and not whole_checkpoint:
         raise CheckpointError(f"{path.name} is a whole pipeline checkpoint: load it with latentdiff.load()")

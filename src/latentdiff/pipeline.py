@@ -27,6 +27,7 @@ from .errors import BadArgument
 from .models.clip import CLIPTextModel
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DCondition
+from .models.taesd import TinyAutoencoder
 from .models.vae import AutoencoderKL
 from .prompts import encode_chunks, tokenize_weighted
 from .settings import GenerationOptions, Settings, resolve
@@ -41,7 +42,7 @@ class Pipeline:
     """A loaded Stable Diffusion model (see :func:`latentdiff.load`)."""
 
     unet: UNet2DCondition
-    vae: AutoencoderKL
+    vae: AutoencoderKL | TinyAutoencoder  # TinyAutoencoder: TAESD (e.g. ``latentdiff.load(..., vae=taesd)``)
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -50,6 +51,8 @@ class Pipeline:
     memory_budget: int | str | None = None
     #: LoRAs merged into the weights, and the original tensors they replaced (see load_lora)
     lora_state: LoraState = field(default_factory=LoraState, init=False, repr=False, compare=False)
+    #: how the networks' dtype was chosen ("bfloat16 (the CPU runs it natively: AVX512-BF16)", ...)
+    dtype_reason: str = field(default="", compare=False)
     #: folders searched for the LoRAs a prompt tags as ``<lora:NAME:WEIGHT>`` (subfolders too)
     lora_dirs: list[Path] = field(default_factory=list)
     #: held by every generation and by load_lora / unload_lora: one call at a time changes or reads the weights
@@ -244,6 +247,9 @@ class Pipeline:
         """
         path = Path(path)
         if path.suffix.lower() == ".safetensors":
+            if isinstance(self.vae, TinyAutoencoder):
+                raise BadArgument("an original single file holds an AutoencoderKL, not this pipeline's tiny "
+                                  "autoencoder (TAESD): save to a folder instead")
             merged = single_file.merge_to_single_file(
                 self.unet.state_dict(), self.vae.state_dict(), self.text_encoder.state_dict(),
                 self.unet.config, self.vae.config,

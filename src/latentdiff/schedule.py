@@ -53,6 +53,7 @@ __all__ = [
     "class_defaults",
     "img2img_start",
     "kdpm2_step_levels",
+    "lcm_boundary_scalings",
     "sde_midpoint_sigma",
 ]
 
@@ -77,6 +78,7 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "timestep_spacing": "linspace", "steps_offset": 0, "prediction_type": "epsilon",
     "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": False, "skip_prk_steps": False,
+    "original_inference_steps": 50, "timestep_scaling": 10.0,
 }
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "DDIMScheduler": {"timestep_spacing": "leading", "clip_sample": True, "set_alpha_to_one": True},
@@ -92,6 +94,8 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "KDPM2AncestralDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
     "DEISMultistepScheduler": {},
     "DPMSolverSDEScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
+    "LCMScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                     "timestep_spacing": "leading", "set_alpha_to_one": True},
 }
 #: The class whose defaults a schedule takes when none is named: training's forward process.
 TRAINING_CLASS = "DDPMScheduler"
@@ -108,6 +112,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "num_train_timesteps": (int,), "beta_start": (int, float), "beta_end": (int, float), "beta_schedule": (str,),
     "timestep_spacing": (str,), "steps_offset": (int,), "prediction_type": (str,), "clip_sample": (bool,),
     "clip_sample_range": (int, float), "set_alpha_to_one": (bool,), "skip_prk_steps": (bool,),
+    "original_inference_steps": (int,), "timestep_scaling": (int, float),
 }
 
 
@@ -121,6 +126,10 @@ class ScheduleConfig:
     DDIM/DDPM/PLMS, "linspace" for Euler, Heun, LMS, DPM-Solver, UniPC).  The defaults of
     ``ScheduleConfig()`` are SD 1.5's own file (:data:`SD15_SCHEDULER_CONFIG`), which names no
     spacing.  Values of the wrong type or out of their domain raise ``ValueError`` naming the field.
+
+    ``original_inference_steps`` and ``timestep_scaling`` are LCMScheduler's (the distillation's
+    step count, whose DDIM timesteps LCM picks from, and the factor on the timestep in the
+    boundary conditions); the other schedulers ignore them.
     """
 
     num_train_timesteps: int | None = 1000
@@ -135,6 +144,8 @@ class ScheduleConfig:
     clip_sample_range: float | None = None
     set_alpha_to_one: bool | None = False
     skip_prk_steps: bool | None = True
+    original_inference_steps: int | None = None
+    timestep_scaling: float | None = None
 
     def __post_init__(self) -> None:
         for name, types in _FIELD_TYPES.items():
@@ -161,6 +172,12 @@ class ScheduleConfig:
                 raise ValueError(f"scheduler config: {name} must be in (0, 1), got {value}")
         if self.steps_offset is not None and not 0 <= self.steps_offset < (self.num_train_timesteps or 1000):
             raise ValueError(f"scheduler config: steps_offset must be in [0, num_train_timesteps), got {self.steps_offset}")
+        if self.original_inference_steps is not None and not 1 <= self.original_inference_steps <= (
+                self.num_train_timesteps or 1000):
+            raise ValueError(f"scheduler config: original_inference_steps must be in [1, num_train_timesteps], "
+                             f"got {self.original_inference_steps}")
+        if self.timestep_scaling is not None and not self.timestep_scaling > 0:
+            raise ValueError(f"scheduler config: timestep_scaling must be > 0, got {self.timestep_scaling}")
         if self.clip_sample_range is not None and not self.clip_sample_range > 0:
             raise ValueError(f"scheduler config: clip_sample_range must be > 0, got {self.clip_sample_range}")
         if self.trained_betas is not None:
@@ -251,7 +268,7 @@ class SigmaPlan:
         keep = [0] + [i for i in range(1, len(self.sigmas)) if float(self.sigmas[i]) != float(self.sigmas[i - 1])]
         if len(keep) == len(self.sigmas):
             return self
-        if any(k in self.options for k in ("sigmas_prev", "sigma_restart")):
+        if any(k in self.options for k in ("sigmas_prev", "sigma_restart", "timesteps")):
             raise ValueError("a plan with per-step options cannot drop repeated sigmas")
         return replace(self, sigmas=self.sigmas[keep])
 
@@ -264,6 +281,8 @@ class SigmaPlan:
         if start > 0 and "sigma_restart" in opts:
             # PLMS restarts its warm-up at the new first step: from sigmas[start] itself.
             opts.pop("sigma_restart")
+        if "timesteps" in opts:
+            opts["timesteps"] = opts["timesteps"][start:]
         sig = self.sigmas[start:]
         return SigmaPlan(sig, float(sig[0]), self.discrete_timesteps, opts, self.kind, dict(self.timesteps))
 
@@ -279,6 +298,7 @@ PLAN_KINDS = {
     "kdpm2_a": "KDPM2AncestralDiscreteScheduler",
     "deis": "DEISMultistepScheduler",
     "dpm_sde": "DPMSolverSDEScheduler",
+    "lcm": "LCMScheduler",
 }
 
 #: A1111's schedule types for the k-samplers (id -> display name).  ``None`` is each sampler's own
@@ -338,6 +358,18 @@ def kdpm2_step_levels(sigma: Tensor, sigma_next: Tensor, ancestral: bool = False
     if not exact_mid and sigma_mid == sigma_next:
         sigma_mid = torch.nextafter(sigma_mid, sigma)
     return sigma_mid, sigma_up, sigma_down
+
+
+def lcm_boundary_scalings(timestep: float | Tensor, timestep_scaling: float = 10.0,
+                          sigma_data: float = 0.5) -> tuple[Tensor, Tensor]:
+    """LCM's consistency boundary conditions ``(c_skip, c_out)`` at a discrete timestep, float32
+    0-d tensors computed as diffusers' LCMScheduler does: with ``u = timestep * timestep_scaling``,
+    ``c_skip = sigma_data^2 / (u^2 + sigma_data^2)`` and ``c_out = u / sqrt(u^2 + sigma_data^2)``
+    (so c_skip -> 1, c_out -> 0 at t = 0: the consistency function is the identity there)."""
+    u = torch.as_tensor(timestep, dtype=torch.float32) * timestep_scaling
+    c_skip = sigma_data**2 / (u**2 + sigma_data**2)
+    c_out = u / (u**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
 
 
 def sde_midpoint_sigma(sigma: Tensor, sigma_next: Tensor, r: float = 0.5) -> Tensor:
@@ -527,7 +559,7 @@ class NoiseSchedule:
         sigma_schedule = check_sigma_schedule(sigma_schedule)
         if kind not in PLAN_KINDS:
             raise ValueError(f"unknown plan kind {kind!r}; valid: {sorted(PLAN_KINDS)}")
-        if sigma_schedule is not None and kind in ("ddim", "ddpm", "pndm"):
+        if sigma_schedule is not None and kind in ("ddim", "ddpm", "pndm", "lcm"):
             raise ValueError(f"schedule type {sigma_schedule!r} does not apply to the {PLAN_KINDS[kind]} sampler")
         if kind == "ddim":
             plan = self._plan_ddim(steps)
@@ -543,6 +575,8 @@ class NoiseSchedule:
             plan = self._plan_deis(steps, sigma_schedule)
         elif kind == "dpm_sde":
             plan = self._plan_dpm_sde(steps, sigma_schedule)
+        elif kind == "lcm":
+            plan = self._plan_lcm(steps)
         else:
             plan = self._plan_dpm(steps, sigma_schedule)
         plan.kind = kind
@@ -555,6 +589,43 @@ class NoiseSchedule:
                 raise ValueError(f"strength={strength} with {steps} steps leaves no step to run")
             plan = plan.tail(start)
         return plan
+
+    def lcm_timesteps(self, steps: int, strength: float = 1.0) -> Tensor:
+        """LCMScheduler's ``set_timesteps(steps, strength=strength)`` (int64, decreasing): the
+        DDIM timesteps of ``original_inference_steps`` steps (``k = T // original``, timesteps
+        ``k * i - 1`` for i = 1 .. int(original * strength)), of which ``steps`` are taken at
+        evenly spaced indices from the top ("skipping step").  ``strength < 1`` is what diffusers'
+        LatentConsistencyModelImg2ImgPipeline asks for; the other img2img pipelines (and
+        :meth:`plan`) cut the tail of the full list instead (:func:`img2img_start`)."""
+        cfg = self.config
+        T, original = cfg.num_train_timesteps, cfg.original_inference_steps
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if original > T:
+            raise ValueError(f"original_inference_steps ({original}) cannot exceed num_train_timesteps ({T})")
+        k = T // original
+        origin = torch.arange(1, int(original * strength) + 1, dtype=torch.int64) * k - 1
+        if len(origin) // steps < 1:
+            raise ValueError(f"LCM takes at most {len(origin)} steps here (original_inference_steps {original} "
+                             f"x strength {strength}), got {steps}")
+        if steps > original:
+            raise ValueError(f"LCM takes at most original_inference_steps ({original}) steps, got {steps}")
+        origin = origin.flip(0)
+        index = _np_linspace(0, len(origin), steps + 1)[:-1].floor().long()  # np.linspace(endpoint=False)
+        return origin[index]
+
+    def _plan_lcm(self, steps: int) -> SigmaPlan:
+        """LCMScheduler: its timesteps' training sigmas, a final 0 (the last step returns its
+        denoised sample, no noise), unit VP noise to start; ``options["timesteps"]`` are the
+        timesteps of the boundary conditions (:func:`lcm_boundary_scalings`) and
+        ``options["timestep_scaling"]`` the config's factor."""
+        ts = self.lcm_timesteps(steps)
+        sig = torch.cat([self.sigmas[ts], torch.zeros(1)])
+        options = {"timesteps": [float(t) for t in ts.tolist()], "timestep_scaling": float(self.config.timestep_scaling)}
+        return SigmaPlan(sig, self._vp_init(float(sig[0])), True, options,
+                         timesteps=_timestep_table(sig[:-1], ts.double()))
 
     def _vp_init(self, sigma0: float) -> float:
         return math.sqrt(1.0 + sigma0 * sigma0)

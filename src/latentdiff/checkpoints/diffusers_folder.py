@@ -27,6 +27,7 @@ from ..jsonfile import read_json_object
 from ..models.clip import CLIPTextConfig, CLIPTextModel, normalize_text_encoder_keys
 from ..models.config import ModelConfig
 from ..models.tokenizer import CLIPTokenizer
+from ..models.taesd import TAESDConfig, TinyAutoencoder
 from ..models.unet import UNet2DCondition, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from .errors import CheckpointError
@@ -52,6 +53,9 @@ KINDS: dict[str, ComponentKind] = {
     "vae": ComponentKind("vae", VAEConfig, AutoencoderKL, "diffusion_pytorch_model", "diffusion_pytorch_model", "diffusers"),
     "text_encoder": ComponentKind("text_encoder", CLIPTextConfig, CLIPTextModel, "model", "pytorch_model", "transformers"),
 }
+#: A ``vae/`` (or lone) folder holding diffusers' ``AutoencoderTiny`` (TAESD) instead of an AutoencoderKL.
+TINY_VAE = ComponentKind("vae", TAESDConfig, TinyAutoencoder, "diffusion_pytorch_model", "diffusion_pytorch_model",
+                         "diffusers")
 
 
 def kind_of_config(config: dict[str, Any], where: Path) -> ComponentKind:
@@ -62,11 +66,13 @@ def kind_of_config(config: dict[str, Any], where: Path) -> ComponentKind:
         return KINDS["unet"]
     if class_name == "AutoencoderKL":
         return KINDS["vae"]
+    if class_name == "AutoencoderTiny":
+        return TINY_VAE
     if "CLIPTextModel" in architectures or config.get("model_type") == "clip_text_model":
         return KINDS["text_encoder"]
     found = class_name or ", ".join(architectures) or config.get("model_type") or "nothing"
     raise CheckpointError(
-        f"{where}: config describes {found!r}; latentdiff loads UNet2DConditionModel, AutoencoderKL and CLIPTextModel"
+        f"{where}: config describes {found!r}; latentdiff loads UNet2DConditionModel, AutoencoderKL, AutoencoderTiny and CLIPTextModel"
     )
 
 
@@ -190,6 +196,6 @@ def save_pipeline_folder(folder: str | Path, components: dict[str, nn.Module], t
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        "vae": ["diffusers", type(components["vae"].config)._class_name if "vae" in components else "AutoencoderKL"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.vae import AutoencoderKL
+from ..models.taesd import Autoencoder
 from .metrics import frechet_distance, psnr, ssim
 
 Features = Callable[[Tensor], Tensor]  # images (B, 3, H, W) in [0, 1] -> (B, D)
 
 
 @torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: Tensor, batch_size: int = 32) -> Tensor:
+def reconstruct(vae: Autoencoder, images: Tensor, batch_size: int = 32) -> Tensor:
     """Encode (posterior mean) and decode: images (N, 3, H, W) in [-1, 1] -> the same shape, clamped."""
     dtype = next(vae.parameters()).dtype
     device = next(vae.parameters()).device
@@ -33,7 +33,7 @@ def reconstruct(vae: AutoencoderKL, images: Tensor, batch_size: int = 32) -> Ten
 
 
 def autoencoder_metrics(
-    vae: AutoencoderKL, images: Tensor, features: Features | None = None, batch_size: int = 32
+    vae: Autoencoder, images: Tensor, features: Features | None = None, batch_size: int = 32
 ) -> dict[str, float]:
     """``psnr_db`` and ``ssim`` (means over images, on [0, 1] pixels) and, with ``features``,
     ``fd``: the Frechet distance between the features of originals and reconstructions."""

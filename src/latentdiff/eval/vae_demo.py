@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import BadArgument
 from ..loading import load_vae
-from ..models.vae import AutoencoderKL
+from ..models.taesd import Autoencoder
 from .metrics import psnr, ssim
 
 DIFF_GAIN = 4
@@ -63,7 +63,7 @@ def square_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 @torch.no_grad()
-def reconstruct(vae: AutoencoderKL, image: Image.Image) -> Image.Image:
+def reconstruct(vae: Autoencoder, image: Image.Image) -> Image.Image:
     """Encode (posterior mode) and decode an RGB image whose sides are multiples of the VAE factor."""
     param = next(vae.parameters())
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
@@ -120,7 +120,7 @@ def compose(original: Image.Image, reconstruction: Image.Image, difference: Imag
     return canvas
 
 
-def vae_demo(vae: AutoencoderKL, image: Image.Image, size: int = 256) -> VAEDemo:
+def vae_demo(vae: Autoencoder, image: Image.Image, size: int = 256) -> VAEDemo:
     """Crop ``image`` to ``size`` x ``size``, reconstruct it and measure PSNR / SSIM (8-bit, range 255)."""
     factor = vae.downsample_factor
     if not isinstance(size, int) or size <= 0 or size % factor:

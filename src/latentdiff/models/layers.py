@@ -241,13 +241,40 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return emb
 
 
-class TimestepEmbedding(nn.Module):
-    """Two-layer SiLU MLP on the sinusoidal embedding (``linear_1``, ``linear_2``)."""
+def guidance_scale_embedding(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of guidance weights, sines first (diffusers'
+    ``get_guidance_scale_embedding``, to the bit): ``w`` (B,) -> (B, dim) float32.  LCM-distilled
+    UNets take it as ``timestep_cond`` with ``w = guidance_scale - 1``."""
+    w = torch.as_tensor(w)
+    if w.ndim != 1:
+        raise ValueError(f"guidance weights must be a 1-D tensor, got shape {tuple(w.shape)}")
+    if dim < 4:
+        raise ValueError(f"guidance embedding dim must be >= 4, got {dim}")
+    w = w * 1000.0
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    angles = w.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
 
-    def __init__(self, in_channels: int, time_embed_dim: int) -> None:
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer SiLU MLP on the sinusoidal embedding (``linear_1``, ``linear_2``).  With
+    ``cond_proj_dim`` (LCM-distilled UNets), a bias-free ``cond_proj`` of a condition vector
+    is added to the input first."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, cond_proj_dim: int | None = None) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = None if cond_proj_dim is None else nn.Linear(cond_proj_dim, in_channels, bias=False)
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("this timestep embedding takes no condition (its UNet has no time_cond_proj_dim)")
+            x = x + self.cond_proj(condition.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))

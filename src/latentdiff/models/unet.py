@@ -22,11 +22,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from latentdiff.speed.deepcache import FeatureCache
 
 from latentdiff.models.config import ConfigError, ModelConfig, config_error
 from latentdiff.models.layers import (
@@ -56,7 +59,6 @@ _FIXED_KEYS: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "projection_class_embeddings_input_dim": None,
@@ -132,6 +134,8 @@ class UNetConfig(ModelConfig):
     time_embedding_type: str = "positional"
     class_embed_type: str | None = None
     addition_embed_type: str | None = None
+    #: LCM-distilled UNets: width of the guidance-scale embedding added to the time embedding's input
+    time_cond_proj_dim: int | None = None
 
     # ---- presets -------------------------------------------------------------
 
@@ -230,6 +234,9 @@ class UNetConfig(ModelConfig):
             raise bad("class_embed_type", self.class_embed_type, "None")
         if self.addition_embed_type is not None:
             raise bad("addition_embed_type", self.addition_embed_type, "None")
+        dim = self.time_cond_proj_dim
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0):
+            raise bad("time_cond_proj_dim", dim, "None or a positive int")
         if self.downsample_padding not in (0, 1):
             raise bad("downsample_padding", self.downsample_padding, "0 or 1")
         for name in ("in_channels", "out_channels"):
@@ -447,12 +454,15 @@ class UpBlock2D(nn.Module):
         context: Tensor | None = None,
         upsample_size: tuple[int, int] | None = None,
     ) -> Tensor:
-        skips = list(skips)
-        for resnet in self.resnets:
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)  # (B, C + Cskip, H, W) -> (B, Cout, H, W)
+        for i, skip in enumerate(reversed(skips)):
+            x = self.layer(i, x, skip, temb, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
+
+    def layer(self, i: int, x: Tensor, skip: Tensor, temb: Tensor, context: Tensor | None = None) -> Tensor:
+        """ResNet ``i`` over (state ++ skip)."""
+        return self.resnets[i](torch.cat([x, skip], dim=1), temb)  # (B, C + Cskip, H, W) -> (B, Cout, H, W)
 
 
 class CrossAttnUpBlock2D(nn.Module):
@@ -492,13 +502,16 @@ class CrossAttnUpBlock2D(nn.Module):
         context: Tensor | None = None,
         upsample_size: tuple[int, int] | None = None,
     ) -> Tensor:
-        skips = list(skips)
-        for resnet, attn in zip(self.resnets, self.attentions):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)  # (B, C + Cskip, H, W) -> (B, Cout, H, W)
-            x = attn(x, context)
+        for i, skip in enumerate(reversed(skips)):
+            x = self.layer(i, x, skip, temb, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
+
+    def layer(self, i: int, x: Tensor, skip: Tensor, temb: Tensor, context: Tensor | None = None) -> Tensor:
+        """ResNet ``i`` over (state ++ skip), then transformer ``i``."""
+        x = self.resnets[i](torch.cat([x, skip], dim=1), temb)  # (B, C + Cskip, H, W) -> (B, Cout, H, W)
+        return self.attentions[i](x, context)
 
 
 # ---- the model -----------------------------------------------------------------
@@ -522,7 +535,7 @@ class UNet2DCondition(nn.Module):
         self.gradient_checkpointing = False
 
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb_channels)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_channels, config.time_cond_proj_dim)
 
         self.down_blocks = nn.ModuleList()
         out_ch = channels[0]
@@ -612,8 +625,10 @@ class UNet2DCondition(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def time_embed(self, timestep: Tensor | float | int, batch: int, dtype: torch.dtype) -> Tensor:
-        """Timestep(s) -> (B, 4 * block_out_channels[0]) embedding in ``dtype``."""
+    def time_embed(self, timestep: Tensor | float | int, batch: int, dtype: torch.dtype,
+                   timestep_cond: Tensor | None = None) -> Tensor:
+        """Timestep(s) (and the LCM guidance embedding ``timestep_cond``, (B, time_cond_proj_dim))
+        -> (B, 4 * block_out_channels[0]) embedding in ``dtype``."""
         device = self.device
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], device=device)
@@ -622,7 +637,12 @@ class UNet2DCondition(nn.Module):
         if timestep.shape[0] != batch:
             raise ValueError(f"got {timestep.shape[0]} timesteps for a batch of {batch}")
         t_emb = timestep_embedding(timestep, self.config.block_out_channels[0])  # (B, C0), float32
-        return self.time_embedding(t_emb.to(dtype))  # (B, 4 * C0)
+        if timestep_cond is not None:
+            timestep_cond = timestep_cond.to(device)
+            if timestep_cond.shape != (batch, self.config.time_cond_proj_dim or 0):
+                raise ValueError(f"timestep_cond must have shape ({batch}, {self.config.time_cond_proj_dim}), "
+                                 f"got {tuple(timestep_cond.shape)}")
+        return self.time_embedding(t_emb.to(dtype), timestep_cond)  # (B, 4 * C0)
 
     # ---- forward -------------------------------------------------------------
 
@@ -631,9 +651,17 @@ class UNet2DCondition(nn.Module):
         sample: Tensor,
         timestep: Tensor | float | int,
         encoder_hidden_states: Tensor,
+        *,
+        timestep_cond: Tensor | None = None,
+        feature_cache: FeatureCache | None = None,
     ) -> Tensor:
         """sample (B, in_channels, h, w), timestep (B,) or scalar, encoder_hidden_states (B, M, D)
-        -> (B, out_channels, h, w).
+        -> (B, out_channels, h, w).  ``timestep_cond`` (B, time_cond_proj_dim): the guidance
+        embedding of an LCM-distilled UNet (:func:`~latentdiff.models.layers.guidance_scale_embedding`);
+        without it such a UNet runs on the time embedding alone, as diffusers' does.
+        ``feature_cache``: DeepCache's reuse of the deep features across calls
+        (:class:`latentdiff.speed.deepcache.FeatureCache`); on a call it marks as cached only
+        ``conv_in``, the last layer of the last up block and ``conv_out`` run.
 
         Inputs are cast to the weights' dtype (so fp32 latents can drive fp16
         weights) and the output is returned in ``sample``'s dtype. Any h, w works:
@@ -651,10 +679,14 @@ class UNet2DCondition(nn.Module):
         factor = 2 ** (self.config.levels - 1)
         forward_upsample_size = any(s % factor for s in x.shape[-2:])
 
-        temb = self.time_embed(timestep, batch, dtype)
+        temb = self.time_embed(timestep, batch, dtype, timestep_cond)
         if self.config.center_input_sample:
             x = 2 * x - 1.0
         x = self.conv_in(x)
+        if feature_cache is not None and feature_cache.reuse(x.shape):
+            last = self.up_blocks[-1]  # its last layer takes conv_in's output as its skip
+            x = last.layer(len(last.resnets) - 1, feature_cache.features, x, temb, context)
+            return self.conv_out(self.conv_act(self.conv_norm_out(x))).to(in_dtype)
 
         skips: list[Tensor] = [x]
         for block in self.down_blocks:
@@ -669,7 +701,13 @@ class UNet2DCondition(nn.Module):
             upsample_size = None
             if forward_upsample_size and i < len(self.up_blocks) - 1:
                 upsample_size = tuple(skips[-1].shape[2:])
-            x = self._run(block, x, block_skips, temb, context, upsample_size)
+            if feature_cache is not None and i == len(self.up_blocks) - 1:
+                for j, skip in enumerate(reversed(block_skips)):  # keep the last layer's input
+                    if j == len(block_skips) - 1:
+                        feature_cache.store(x)
+                    x = block.layer(j, x, skip, temb, context)
+            else:
+                x = self._run(block, x, block_skips, temb, context, upsample_size)
 
         x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
         return x.to(in_dtype)

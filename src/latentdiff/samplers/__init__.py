@@ -23,7 +23,8 @@ diffusers' discrete VP schedulers (DDIM, DDPM, PNDM, DPM-Solver, UniPC, DEIS) ar
 their exact sigma-space equivalents: dividing a VP update by sqrt(abar) of its target level
 turns it into an update of ``x = x_vp / sqrt(abar)``; e.g. DDIM (eta=0) and PLMS's
 "transfer" are Euler steps on eps, DDPM and DDIM(eta=1) are the ancestral (Euler a) step,
-DPM-Solver++/UniPC become their k-diffusion forms, DEIS an Adams method in sigma.  With the plans of
+DPM-Solver++/UniPC become their k-diffusion forms, DEIS an Adams method in sigma, LCM's
+consistency step a boundary-conditioned x0 re-noised to the next sigma.  With the plans of
 :meth:`latentdiff.schedule.NoiseSchedule.plan`, results equal diffusers' within float
 rounding; places where diffusers has a quirk are documented on the function that mirrors it.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 from .base import SamplingCancelled, randn_like, vp_denoiser
 from .dpm2 import sample_dpm2, sample_dpm2_ancestral
 from .k import lms_coefficient, sample_euler, sample_euler_ancestral, sample_heun, sample_lms
+from .lcm import sample_lcm
 from .multistep import deis_coefficient, sample_deis, sample_dpmpp_2m, sample_unipc
 from .registry import SAMPLERS, SamplerSpec, get_sampler
 from .sde import BrownianNoise, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
@@ -64,6 +66,7 @@ __all__ = [
     "sample_dpm2",
     "sample_dpm2_ancestral",
     "sample_deis",
+    "sample_lcm",
     "deis_coefficient",
     "lms_coefficient",
 ]

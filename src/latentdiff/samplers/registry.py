@@ -12,6 +12,7 @@ from ..schedule import SIGMA_SCHEDULES, NoiseSchedule, ScheduleConfig, SigmaPlan
 from .base import Denoiser
 from .dpm2 import sample_dpm2, sample_dpm2_ancestral
 from .k import sample_euler, sample_euler_ancestral, sample_heun, sample_lms
+from .lcm import sample_lcm
 from .multistep import sample_deis, sample_dpmpp_2m, sample_unipc
 from .sde import sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from .vp import sample_ddim, sample_ddpm, sample_plms
@@ -74,7 +75,7 @@ class SamplerSpec:
     def plan(self, schedule: NoiseSchedule, steps: int, *, strength: float | None = None) -> SigmaPlan:
         """Sigmas (and options) for ``steps`` steps, optionally the img2img tail."""
         plan = schedule.plan(self.plan_kind, steps, strength=strength, sigma_schedule=self.sigma_schedule)
-        if self.id in ("ddim", "ddpm") and schedule.config.clip_sample:
+        if self.id in ("ddim", "ddpm", "lcm") and schedule.config.clip_sample:
             plan.options["clip_sample"] = schedule.config.clip_sample_range
         return plan.distinct() if self.distinct_sigmas else plan
 
@@ -114,6 +115,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
         _spec("dpmpp_sde", "DPM++ SDE", sample_dpmpp_sde, "DPMSolverSDEScheduler", "dpm_sde", stochastic=True),
         # diffusers has no DPM++ 2S a: "" (its reference is k-diffusion's sample_dpmpp_2s_ancestral)
         _spec("dpmpp_2s_a", "DPM++ 2S a", sample_dpmpp_2s_ancestral, "", "euler", stochastic=True),
+        # for LCM-distilled UNets and LCM-LoRA; draws fresh noise after every step but the last
+        _spec("lcm", "LCM", sample_lcm, "LCMScheduler", "lcm", stochastic=True, schedules=()),
     ]
 }
 

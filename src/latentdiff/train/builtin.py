@@ -180,7 +180,7 @@ def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Pat
     if not (unet_model / "model_index.json").is_file():
         raise CheckpointError(f"the anneal stage has not exported {unet_model} yet")
     decoders = [out / stage / "vae" for stage in ("sharpen", "decoder") if (out / stage / "vae" / "config.json").is_file()]
-    pipe = latentdiff.load(unet_model, vae=decoders[0] if decoders else None)
+    pipe = latentdiff.load(unet_model, dtype=torch.float32, vae=decoders[0] if decoders else None)
     pipe.name = "shapes-v2"
     pipe.save(target, dtype=dtype)
     clip_folder = out / "clip" / "clip"
