@@ -67,6 +67,8 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="refuse work needing more memory than this, e.g. 6G (default: 80%% of the free memory)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the UNet with torch.compile (the first image pays minutes of compile time)")
     p.add_argument("--cache-interval", type=int, default=1, metavar="N",
                    help="DeepCache: run the whole UNet once every N calls, reuse its deep features between (default 1: off)")
     p.add_argument("--tile-vae", action="store_true", help="encode/decode in overlapping tiles (large images)")
@@ -274,7 +276,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     loras = [parse_lora_argument(text) for text in args.lora]
     pipe = latentdiff.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, vae=args.vae,
-                           lora_dirs=args.lora_dir)
+                           lora_dirs=args.lora_dir, compile=args.compile)
     pipe.memory_budget = limit
     for path, weight in loras:
         pipe.load_lora(path, scale=weight)

@@ -29,6 +29,7 @@ from .models.taesd import TinyAutoencoder
 from .models.vae import AutoencoderKL, VAEConfig
 from .pipeline import Pipeline
 from .speed.dtype import DTYPES, choose_dtype
+from .speed.compile import compile_unet
 from .speed.prepack import prepack_convolutions
 from .schedule import ScheduleConfig
 
@@ -46,6 +47,7 @@ def load(
     vae: str | Path | None = None,
     variant: str | None = None,
     lora_dirs: Sequence[str | Path] = (),
+    compile: bool = False,
 ) -> Pipeline:
     """Load a Stable Diffusion pipeline.
 
@@ -60,6 +62,8 @@ def load(
             ``AutoencoderTiny`` folder, an original ``taesd_decoder``/``taesd_encoder`` file or their folder).
         variant: weight-file variant to prefer in a diffusers folder (e.g. "fp16").
         lora_dirs: folders holding the LoRAs that prompts tag as ``<lora:NAME:WEIGHT>``.
+        compile: compile the UNet with ``torch.compile`` (:mod:`latentdiff.speed.compile`; the
+            first generation pays the compile time).
     """
     device = check_device(device)
     if dtype is None or dtype == "auto":
@@ -101,6 +105,8 @@ def load(
     pipe.dtype_reason = reason
     for network in (pipe.unet, pipe.vae):
         prepack_convolutions(network)  # CPU inference reuses oneDNN-ordered conv weights (latentdiff.speed.prepack)
+    if compile:
+        compile_unet(pipe)
     return pipe
 
 
