@@ -11,12 +11,14 @@ from .clip import CLIPTrainConfig, CLIPTrainer, train_clip
 from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
 from .data import EpochOrder, ImageCaptionSource, ImageFolderSource, InMemorySource, TrainDataError, WorldSource
 from .ema import EMA
+from .lcm import LCMTrainConfig, LCMTrainer, train_lcm
 from .loop import TrainResult, TrainTask, run_training
 from .unet import UNetTrainer, train_unet
 from .vae import VAETrainer, train_vae
 
 __all__ = [
-    "CLIPTrainConfig", "CLIPTrainer", "EMA", "EpochOrder", "ImageCaptionSource", "ImageFolderSource", "InMemorySource", "TrainConfig",
+    "CLIPTrainConfig", "CLIPTrainer", "EMA", "EpochOrder", "ImageCaptionSource", "ImageFolderSource", "InMemorySource", "LCMTrainConfig",
+    "LCMTrainer", "TrainConfig",
     "TrainConfigError", "TrainDataError", "TrainResult", "TrainTask", "UNetTrainConfig", "UNetTrainer",
-    "VAETrainConfig", "VAETrainer", "WorldSource", "run_training", "train_clip", "train_unet", "train_vae",
+    "VAETrainConfig", "VAETrainer", "WorldSource", "run_training", "train_clip", "train_lcm", "train_unet", "train_vae",
 ]

@@ -3,6 +3,7 @@
     latentdiff train vae  --config vae.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train unet --config unet.toml [--resume] [--out DIR] [--steps N]
     latentdiff train clip --config clip.toml [--resume] [--out DIR] [--steps N]
+    latentdiff train lcm  --config lcm.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|assemble] [--target DIR]
 """
 
@@ -19,6 +20,7 @@ from .checkpoint import TrainCheckpointError
 from .clip import CLIPTrainConfig
 from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
 from .data import TrainDataError
+from .lcm import LCMTrainConfig
 
 
 def _run_vae(config: TrainConfig, resume: bool) -> Any:
@@ -39,11 +41,18 @@ def _run_unet(config: TrainConfig, resume: bool) -> Any:
     return train_unet(config, resume=resume)  # type: ignore[arg-type]
 
 
+def _run_lcm(config: TrainConfig, resume: bool) -> Any:
+    from .lcm import train_lcm
+
+    return train_lcm(config, resume=resume)  # type: ignore[arg-type]
+
+
 # subcommand -> (config class, runner, help). Add "clip" and "builtin" here.
 TRAINERS: dict[str, tuple[type[TrainConfig], Callable[[TrainConfig, bool], Any], str]] = {
     "vae": (VAETrainConfig, _run_vae, "train or fine-tune the autoencoder (L1 + KL + PatchGAN [+ LPIPS])"),
     "clip": (CLIPTrainConfig, _run_clip, "train a small CLIP (text + image towers) contrastively on the built-in world"),
     "unet": (UNetTrainConfig, _run_unet, "train or fine-tune the UNet on VAE latents with a frozen text encoder"),
+    "lcm": (LCMTrainConfig, _run_lcm, "distill a pipeline's UNet into an LCM-LoRA (4-step sampling with sampler lcm)"),
 }
 
 
