@@ -29,13 +29,16 @@ from latentdiff.eval import psnr, reconstruct
 from latentdiff.world import WorldDataset, accuracy_report, held_out_prompts, judge, parse_caption
 
 
-def prompt_adherence(pipe: latentdiff.Pipeline, prompts: list[str], batch: int, steps: int) -> tuple[dict, list]:
-    """Judge one image per prompt (seed = prompt index)."""
+def prompt_adherence(pipe: latentdiff.Pipeline, prompts: list[str], batch: int, steps: int,
+                     **options) -> tuple[dict, list]:
+    """Judge one image per prompt (seed = prompt index); ``options``: more generation options
+    (default guidance 7.5, the default sampler)."""
     judged, images = [], []
+    options = {"guidance_scale": 7.5, **options}
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         # seed + i per image: prompt k gets seed k, as if generated alone
-        out = pipe.txt2img(chunk, steps=steps, guidance_scale=7.5, seed=start)
+        out = pipe.txt2img(chunk, steps=steps, seed=start, **options)
         images += out
         judged += [judge(np.asarray(im), p) for im, p in zip(out, chunk)]
     by_count: dict[str, list] = {"1 object": [], "2 objects": []}

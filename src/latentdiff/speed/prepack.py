@@ -5,7 +5,7 @@ its blocked layout at every call.  Where the weight is large next to the activat
 UNet's low-resolution levels: 1280 channels on an 8x8 latent at 256 px) the reorder costs
 more than the convolution itself.  :func:`prepack_convolutions` switches a module's
 ``nn.Conv2d`` layers to :class:`PrepackedConv2d`, which keeps the reordered weight and
-reuses it while the weight is unchanged (measured in ``benchmarks/bench_txt2img.py``).
+reuses it while the weight is unchanged (measured in ``benchmarks/bench_kernels.py``).
 
 - Only inference on the CPU (no autograd through the packed call: a forward that needs
   gradients, or any other device, takes the plain path), float32 and bfloat16.
