@@ -322,6 +322,24 @@ def _source(key: str, sources: Mapping[str, str] | None) -> str:
     return found if f"{key!r}" in found else f"{found} (model key {key})"
 
 
+def fit_problems(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Tensor],
+                 source: str = "checkpoint") -> list[str]:
+    """What keeps ``state_dict`` from fitting ``expected`` (key -> shape): missing keys, unexpected
+    keys and shape mismatches, each named (``source`` names the file's side); empty when it fits."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f"{k}: {source} {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
+                  for k in sorted(set(expected) & set(state_dict)) if tuple(state_dict[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_name_some(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_name_some(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_name_some(mismatched, 5)}")
+    return problems
+
+
 def check_state_dict(
     module: nn.Module, state_dict: Mapping[str, Tensor], what: str, sources: Mapping[str, str] | None = None
 ) -> None:
@@ -331,20 +349,7 @@ def check_state_dict(
     ``sources`` (see :func:`trace_sources`) lets the message name the file and key a tensor came from.
     """
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_name_some(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_name_some(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_name_some(mismatched, 5)}")
+    problems = fit_problems({k: tuple(v.shape) for k, v in expected.items()}, state_dict, "checkpoint")
     if problems:
         raise CheckpointError(f"{what} weights do not fit its config: " + "; ".join(problems))
     for key, tensor in state_dict.items():

@@ -25,7 +25,7 @@ import torch
 from ..models.config import ConfigError
 from ..models.taesd import TAESDConfig, TinyAutoencoder
 from .errors import CheckpointError
-from .io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, _name_some, load_strict, read_state_dict,
+from .io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, fit_problems, load_strict, read_state_dict,
                  trace_sources)
 
 HALVES = ("encoder", "decoder")
@@ -155,18 +155,7 @@ def _check_keys(model: TinyAutoencoder, files: dict[str, tuple[Path, StateDict]]
         half, original = to_original(key)
         expected[half][original] = tuple(tensor.shape)
     for half, (path, sd) in files.items():
-        want = expected[half]
-        missing = sorted(set(want) - set(sd))
-        unexpected = sorted(set(sd) - set(want))
-        mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {want[k]}"
-                      for k in sorted(set(want) & set(sd)) if tuple(sd[k].shape) != want[k]]
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing key(s): {_name_some(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s): {_name_some(unexpected)}")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatch(es): {_name_some(mismatched, 5)}")
+        problems = fit_problems(expected[half], sd, "file")
         if problems:
             raise CheckpointError(f"{path.name}: TAESD {half} weights do not fit the layout: " + "; ".join(problems))
 

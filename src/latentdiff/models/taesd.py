@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..errors import BadModel
 from .config import ConfigError, ModelConfig
-from .vae import AutoencoderKL, _tiled
+from .vae import AutoencoderKL, _tiled, check_images, check_latents
 
 _ACTIVATIONS = {
     "relu": F.relu,
@@ -298,23 +298,10 @@ class TinyAutoencoder(nn.Module):
         return module
 
     def _check_images(self, images: Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
-            )
-        f = self.downsample_factor
-        h, w = images.shape[-2:]
-        if h % f or w % f:
-            raise ValueError(
-                f"image size {h}x{w} (HxW) is not a multiple of the VAE downsample factor {f}; "
-                f"use e.g. {max(f, h // f * f)}x{max(f, w // f * f)}"
-            )
+        check_images(images, self.config.in_channels, self.downsample_factor)
 
     def _check_latents(self, latents: Tensor) -> None:
-        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
-            raise ValueError(
-                f"expected latents of shape (B, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}"
-            )
+        check_latents(latents, self.config.latent_channels)
 
     def encode(self, images: Tensor) -> TinyLatents:
         """images (B, 3, H, W) in [-1, 1], H and W multiples of f -> unscaled latents (B, c, H/f, W/f)."""

@@ -357,6 +357,24 @@ def _tiled(fn, x: Tensor, tile: int, overlap: int, scale: float, unit: int) -> T
     return out / weight
 
 
+def check_images(images: Tensor, channels: int, factor: int) -> None:
+    """ValueError unless ``images`` is (B, channels, H, W) with H and W multiples of ``factor``."""
+    if images.ndim != 4 or images.shape[1] != channels:
+        raise ValueError(f"expected images of shape (B, {channels}, H, W), got {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(
+            f"image size {h}x{w} (HxW) is not a multiple of the VAE downsample factor {factor}; "
+            f"use e.g. {max(factor, h // factor * factor)}x{max(factor, w // factor * factor)}"
+        )
+
+
+def check_latents(latents: Tensor, channels: int) -> None:
+    """ValueError unless ``latents`` is (B, channels, h, w)."""
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise ValueError(f"expected latents of shape (B, {channels}, h, w), got {tuple(latents.shape)}")
+
+
 class AutoencoderKL(nn.Module):
     """The SD VAE: ``encoder``, ``quant_conv``, ``post_quant_conv``, ``decoder`` (diffusers' key layout)."""
 
@@ -402,23 +420,10 @@ class AutoencoderKL(nn.Module):
 
     # ---- encode / decode -----------------------------------------------------------------
     def _check_images(self, images: Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
-            )
-        f = self.downsample_factor
-        h, w = images.shape[-2:]
-        if h % f or w % f:
-            raise ValueError(
-                f"image size {h}x{w} (HxW) is not a multiple of the VAE downsample factor {f}; "
-                f"use e.g. {max(f, h // f * f)}x{max(f, w // f * f)}"
-            )
+        check_images(images, self.config.in_channels, self.downsample_factor)
 
     def _check_latents(self, latents: Tensor) -> None:
-        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
-            raise ValueError(
-                f"expected latents of shape (B, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}"
-            )
+        check_latents(latents, self.config.latent_channels)
 
     def _moments(self, images: Tensor) -> Tensor:
         m = self.encoder(images)
