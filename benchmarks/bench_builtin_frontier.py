@@ -44,6 +44,10 @@ SETTINGS = [
 ]
 
 
+#: with an LCM-LoRA (--lcm-lora): (dtype, steps) of the lcm sampler at guidance 1
+LCM_SETTINGS = [("float32", 4), ("bfloat16", 2), ("bfloat16", 4), ("bfloat16", 8)]
+
+
 def name_of(dtype: str, sampler: str, steps: int, guidance: float, cache: int) -> str:
     return f"{dtype} {sampler} {steps} w{guidance:g}" + (f" cache {cache}" if cache > 1 else "")
 
@@ -69,6 +73,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--replot", type=Path, default=None, help="only redraw --plot from a --json file")
+    parser.add_argument("--lcm-lora", type=Path, default=None, help="also rows of the lcm sampler with this LCM-LoRA")
+    parser.add_argument("--only-lcm", action="store_true", help="with --lcm-lora: the reference row and the LCM rows only")
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(args.replot.read_text()), args.plot)
@@ -80,8 +86,13 @@ def main() -> None:
     print("| setting | s / image | vs old default | 1 object | 2 objects | all | vs old default |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for dtype, sampler, steps, guidance, cache in SETTINGS:
+    settings = [(*s, None) for s in (SETTINGS[:1] if args.only_lcm else SETTINGS)]
+    if args.lcm_lora:
+        settings += [(d, "lcm", n, 1.0, 1, args.lcm_lora) for d, n in LCM_SETTINGS]
+    for dtype, sampler, steps, guidance, cache, lora in settings:
         pipe = pipes[dtype]
+        if lora is not None and not pipe.loras:
+            pipe.load_lora(lora, name="lcm")
         prompt_adherence(pipe, prompts[:2], 2, steps, sampler=sampler, guidance_scale=guidance)  # warm-up
         t0 = time.perf_counter()
         report, _ = prompt_adherence(pipe, prompts, args.batch, steps, sampler=sampler, guidance_scale=guidance,
@@ -90,7 +101,8 @@ def main() -> None:
         one, two = report["1 object"]["caption"], report["2 objects"]["caption"]
         n1, n2 = report["1 object"]["n"], report["2 objects"]["n"]
         both = (one * n1 + two * n2) / (n1 + n2)
-        row = {"setting": name_of(dtype, sampler, steps, guidance, cache), "dtype": dtype, "sampler": sampler,
+        row = {"setting": name_of(dtype, sampler, steps, guidance, cache) + (" + LCM-LoRA" if lora else ""),
+               "dtype": dtype, "sampler": sampler,
                "steps": steps, "guidance": guidance, "cache_interval": cache, "s_per_image": seconds,
                "one_object": one, "two_objects": two, "all": both}
         rows.append(row)

@@ -1,7 +1,7 @@
 """The ``latentdiff`` command: argument parsing only; the work is done by the library.
 
-    latentdiff generate PROMPT [--model M] [--negative N] [--steps 20] [--guidance 7.5]
-                               [--sampler ddim] [--schedule S] [--seed 0] [--width W] [--height H] [--batch 1]
+    latentdiff generate PROMPT [--model M] [--preset fast|full] [--negative N] [--steps N] [--guidance G]
+                               [--sampler S] [--schedule S] [--seed 0] [--width W] [--height H] [--batch 1]
                                [--lora FILE[:W]] [--lora-dir D] [--embeddings-dir D] [--hires-scale S]
                                [--out out.png]
     latentdiff img2img  PROMPT --image IMG [--strength 0.75] ...
@@ -30,6 +30,31 @@ from pathlib import Path
 from . import __version__
 
 
+#: the settings each --preset fills in where the command line leaves them unset
+PRESETS = {"fast": {"sampler": "lcm", "steps": 4, "guidance": 1.0},
+           "full": {"sampler": "ddim", "steps": 20, "guidance": 7.5}}
+FAST_LORA = "lcm_lora.safetensors"
+
+
+def apply_preset(args: argparse.Namespace) -> Path | None:
+    """Fill the unset sampler / steps / guidance from ``--preset`` (default: "fast" where the model
+    folder ships an LCM-LoRA, else "full"); returns the LoRA file the fast preset merges."""
+    from latentdiff.errors import BadArgument
+    from latentdiff.loading import BUILTIN_MODEL
+
+    folder = Path(args.model) if args.model else BUILTIN_MODEL
+    lora = folder / FAST_LORA
+    has_lora = folder.is_dir() and lora.is_file()
+    preset = args.preset or ("fast" if has_lora else "full")
+    if preset == "fast" and not has_lora:
+        raise BadArgument(f"--preset fast needs an LCM-LoRA {FAST_LORA} in the model folder {folder} "
+                          "(make one with `latentdiff train lcm`)")
+    for key, value in PRESETS[preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return lora if preset == "fast" else None
+
+
 def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None, *, outpaint: bool = False) -> None:
     if outpaint:
         p.add_argument("image", help="the image to extend")
@@ -47,9 +72,14 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
                    help="load every textual-inversion embedding in DIR (.pt, .safetensors, .bin), triggered by file name")
     p.add_argument("--negative", default=None if outpaint else "",
                    help="negative prompt" + (" (default: the image's, as for --prompt)" if outpaint else ""))
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--sampler", default="ddim", help="sampler id or A1111 name (see `latentdiff samplers`)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="fast: the model's LCM-LoRA (a model folder's lcm_lora.safetensors, as the built-in model "
+                        "has), LCM 4 steps, guidance 1 (the default where the file exists); full: the model as "
+                        "trained, DDIM 20 steps, guidance 7.5 (the default elsewhere)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the preset's, 4 or 20)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the preset's, 1 or 7.5)")
+    p.add_argument("--sampler", help="sampler id or A1111 name, see `latentdiff samplers` (default: the preset's, "
+                                     "lcm or ddim)")
     p.add_argument("--schedule", help="schedule type for k-samplers: karras, exponential, sgm_uniform "
                                       "(default: the sampler's own)")
     p.add_argument("--seed", type=int, default=0, help="image i of the batch uses seed + i (default 0; -1: random)")
@@ -248,6 +278,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from latentdiff.png import save_png
     from latentdiff.samplers import get_sampler
 
+    fast_lora = apply_preset(args)
     try:  # an unknown sampler or schedule fails before the model loads
         get_sampler(args.sampler, args.schedule)
     except ValueError as err:
@@ -278,6 +309,8 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = latentdiff.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, vae=args.vae,
                            lora_dirs=args.lora_dir, compile=args.compile)
     pipe.memory_budget = limit
+    if fast_lora is not None:
+        pipe.load_lora(fast_lora, name="lcm_lora")
     for path, weight in loras:
         pipe.load_lora(path, scale=weight)
     if args.embeddings_dir:
