@@ -215,3 +215,24 @@ def test_registry_and_cli_list_lcm(capsys):
     assert main(["samplers"]) == 0
     line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("lcm "))
     assert "LCM" in line and "LCMScheduler" in line
+
+
+def test_lcm_lora_through_load_lora_matches_diffusers(diffusers_dir: Path, tmp_path: Path) -> None:
+    """An LCM-LoRA file (kohya keys) merged with load_lora and sampled with "lcm" at guidance 1
+    equals diffusers' load_lora_weights + fuse_lora with LCMScheduler."""
+    pytest.importorskip("peft")
+    from test_lora import kohya_file, random_lora
+
+    pipe = latentdiff.load(diffusers_dir)
+    lora = kohya_file(random_lora(pipe, seed=9), tmp_path / "lcm-lora.safetensors")
+    pipe.load_lora(lora)
+    ref = with_scheduler(diffusers.StableDiffusionPipeline.from_pretrained(diffusers_dir), "lcm")
+    ref.load_lora_weights(str(tmp_path), weight_name=lora.name)
+    ref.fuse_lora(lora_scale=1.0)
+    compare(
+        lambda **kw: pipe.txt2img(PROMPTS, steps=4, guidance_scale=1.0, seed=SEED, sampler="lcm",
+                                  width=SIZE, height=SIZE, **kw),
+        lambda **kw: ref(PROMPTS, num_inference_steps=4, guidance_scale=1.0, generator=generators(2),
+                         width=SIZE, height=SIZE, **kw),
+        pipe, ref,
+    )
