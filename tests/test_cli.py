@@ -104,7 +104,7 @@ def test_lora_and_embeddings_from_the_command_line(diffusers_dir: Path, tmp_path
 
 
 def test_presets(diffusers_dir: Path, tmp_path: Path, capsys) -> None:
-    """A model folder with an lcm_lora.safetensors generates with it, LCM 4 steps, guidance 1, by
+    """A model folder with an lcm_lora.safetensors generates with it, LCM 8 steps, guidance 1, by
     default (--preset fast); --preset full is the model as trained at DDIM 20, guidance 7.5; fast
     without the file is one line and exit 2."""
     import shutil
@@ -119,12 +119,12 @@ def test_presets(diffusers_dir: Path, tmp_path: Path, capsys) -> None:
     lora = kohya_file(random_lora(plain, seed=4), folder / "lcm_lora.safetensors")
     assert main(["generate", "a cat", "--model", str(folder), "--out", str(tmp_path / "fast.png")]) == 0
     text = read_parameters(tmp_path / "fast.png")
-    assert "Steps: 4, Sampler: LCM, CFG scale: 1," in text and 'Lora hashes: "lcm_lora: ' in text
+    assert "Steps: 8, Sampler: LCM, CFG scale: 1," in text and 'Lora hashes: "lcm_lora: ' in text
     assert main(["generate", "a cat", "--model", str(folder), "--preset", "full", "--out", str(tmp_path / "full.png")]) == 0
     assert "Steps: 20, Sampler: DDIM, CFG scale: 7.5," in read_parameters(tmp_path / "full.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "full.png")), np.asarray(plain.txt2img("a cat")[0]))
     plain.load_lora(lora, name="lcm_lora")
-    expected = plain.txt2img("a cat", sampler="lcm", steps=4, guidance_scale=1.0)[0]
+    expected = plain.txt2img("a cat", sampler="lcm", steps=8, guidance_scale=1.0)[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "fast.png")), np.asarray(expected))
     capsys.readouterr()
     assert main(["generate", "a cat", "--model", str(diffusers_dir), "--preset", "fast",
