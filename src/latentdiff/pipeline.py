@@ -11,10 +11,11 @@ import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from PIL import Image
 
@@ -118,35 +119,42 @@ class Pipeline:
         unload_textual_inversion(self, name)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None, *,
-                  unet_scale: float | None = None, text_encoder_scale: float | None = None) -> str:
+                  unet_scale: float | None = None, text_encoder_scale: float | None = None,
+                  digest: str | None = None) -> str:
         """Merge a LoRA file (kohya / A1111 ``lora_unet_*``, diffusers / PEFT ``lora_A``/``lora_B``,
         attention-processor keys) into the weights at ``scale`` (per network: ``unet_scale``,
-        ``text_encoder_scale``).  Several stack.  Returns the name (default the file stem)."""
+        ``text_encoder_scale``).  Several stack.  Returns the name (default the file stem).
+        ``digest``: the file's "Lora hashes" value when the caller has it already."""
+        from .adapters import LoadedLora, lora_hash, read_lora
+
         path = Path(path)
         name = path.stem if name is None else name
         with self.generation_lock:
-            return self._load_lora(path, name, scale, unet_scale, text_encoder_scale)
+            if name in self.lora_state.loaded:
+                raise BadArgument(f"a LoRA named {name!r} is already loaded (unload it first, or pass name=)")
+            scales = {"unet": float(scale if unet_scale is None else unet_scale),
+                      "text_encoder": float(scale if text_encoder_scale is None else text_encoder_scale)}
+            networks = self.lora_networks
+            loaded = LoadedLora(path, read_lora(path, networks), scales, float(scale),
+                                lora_hash(path) if digest is None else digest)
+            self.lora_state.add(name, loaded, networks)
+            return name
 
-    def _load_lora(self, path: Path, name: str, scale: float, unet_scale: float | None,
-                   text_encoder_scale: float | None) -> str:
-        from .adapters import LoadedLora, lora_hash, read_lora
-
-        if name in self.lora_state.loaded:
-            raise BadArgument(f"a LoRA named {name!r} is already loaded (unload it first, or pass name=)")
-        scales = {"unet": float(scale if unet_scale is None else unet_scale),
-                  "text_encoder": float(scale if text_encoder_scale is None else text_encoder_scale)}
-        networks = {"unet": self.unet, "text_encoder": self.text_encoder}
-        loaded = LoadedLora(path, read_lora(path, networks), scales, float(scale), lora_hash(path))
-        self.lora_state.add(name, loaded, networks)
-        return name
-
-    def unload_lora(self, name: str | None = None) -> None:
-        """Unmerge the LoRA ``name``, or all of them; with none left the weights are the originals, bit for bit."""
+    def unload_lora(self, name: str | Sequence[str] | None = None) -> None:
+        """Unmerge the LoRA ``name`` (or several names, or all of them); with none left the weights
+        are the originals, bit for bit."""
         with self.generation_lock:
-            if name is not None and name not in self.lora_state.loaded:
-                raise BadArgument(f"no LoRA named {name!r} is loaded "
+            names = [name] if isinstance(name, str) else list(name or ())
+            missing = [n for n in names if n not in self.lora_state.loaded]
+            if missing:
+                raise BadArgument(f"no LoRA named {missing[0]!r} is loaded "
                                   f"(loaded: {', '.join(self.lora_state.loaded) or 'none'})")
-            self.lora_state.remove(name, {"unet": self.unet, "text_encoder": self.text_encoder})
+            self.lora_state.remove(None if name is None else names, self.lora_networks)
+
+    @property
+    def lora_networks(self) -> dict[str, nn.Module]:
+        """The networks a LoRA patches, by target name."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
 
     @property
     def loras(self) -> dict[str, float]:

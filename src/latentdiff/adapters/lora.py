@@ -153,12 +153,14 @@ class LoraState:
             self.remove(name, networks)
             raise
 
-    def remove(self, name: str | None, networks: Mapping[str, nn.Module]) -> None:
-        """Unmerge one LoRA (or all with None): restore every touched parameter, re-merge the rest."""
-        if name is None:
+    def remove(self, names: str | Iterable[str] | None, networks: Mapping[str, nn.Module]) -> None:
+        """Unmerge one LoRA, several, or all with None: restore every touched parameter once,
+        re-merge the rest."""
+        if names is None:
             self.loaded.clear()
         else:
-            self.loaded.pop(name)
+            for name in [names] if isinstance(names, str) else names:
+                self.loaded.pop(name)
         for (target, param), original in self.originals.items():
             weight = _param(networks[target], param)
             with torch.no_grad():

@@ -157,9 +157,9 @@ def applied(pipe: Pipeline, loras: Sequence[PromptLora]) -> Iterator[None]:
             if lora.state_name in pipe.lora_state.loaded:
                 continue
             pipe.load_lora(lora.path, name=lora.state_name, unet_scale=lora.unet,
-                           text_encoder_scale=lora.text_encoder, scale=lora.unet)
+                           text_encoder_scale=lora.text_encoder, scale=lora.unet, digest=lora.hash)
             added.append(lora.state_name)
         yield
     finally:
-        for name in reversed(added):
-            pipe.unload_lora(name)
+        if added:
+            pipe.unload_lora(added)  # one restore of the originals for all of them
