@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import diffusers
-import numpy as np
 import pytest
 import torch
 from conftest import assert_rel_close, tiny_diffusers_components
-from PIL import Image
 from test_generate import PROMPTS, SEED, SIZE, compare, generators, with_scheduler
+from test_generate import init_image, pipe, ref  # noqa: F401  (fixtures shared with the other pipeline tests)
 from test_samplers import run_diffusers, run_ours
 
 import latentdiff
@@ -27,21 +26,6 @@ COND_DIM = 32
 # timestep_scaling 10 at the timesteps of a few steps; a small scaling makes them visible.
 VISIBLE_SCALING = 0.05
 
-
-@pytest.fixture(scope="module")
-def pipe(diffusers_dir: Path) -> latentdiff.Pipeline:
-    return latentdiff.load(diffusers_dir)
-
-
-@pytest.fixture(scope="module")
-def ref(diffusers_dir: Path):
-    return diffusers.StableDiffusionPipeline.from_pretrained(diffusers_dir)
-
-
-@pytest.fixture(scope="module")
-def init_image() -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(np.kron(rng.integers(0, 255, (8, 8, 3)), np.ones((4, 4, 1))).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -153,16 +153,13 @@ def _load_single_file(path: Path, device, dtype, tokenizer: CLIPTokenizer) -> Pi
     return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=ScheduleConfig(), name=path.stem)
 
 
-FLOAT_DTYPES = DTYPES
-
-
 def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """A floating-point dtype, given as a torch dtype or its name ("float16"); else BadArgument."""
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in FLOAT_DTYPES:
-        return FLOAT_DTYPES[dtype.removeprefix("torch.")]
-    if isinstance(dtype, torch.dtype) and dtype in FLOAT_DTYPES.values():
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    raise BadArgument(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    raise BadArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def check_device(device: torch.device | str) -> torch.device:
