@@ -1,4 +1,4 @@
-"""Training: autoencoder, CLIP and UNet trainers on one shared loop, data sources, losses, EMA.
+"""Training: autoencoder, tiny autoencoder, CLIP, UNet and LCM trainers on one shared loop, data sources, losses, EMA.
 
     from latentdiff.train import VAETrainConfig, UNetTrainConfig, train_vae, train_unet
     train_vae(VAETrainConfig.from_file("vae.toml"))
@@ -13,12 +13,13 @@ from .data import EpochOrder, ImageCaptionSource, ImageFolderSource, InMemorySou
 from .ema import EMA
 from .lcm import LCMTrainConfig, LCMTrainer, train_lcm
 from .loop import TrainResult, TrainTask, run_training
+from .taesd import TAESDTrainConfig, TAESDTrainer, train_taesd
 from .unet import UNetTrainer, train_unet
 from .vae import VAETrainer, train_vae
 
 __all__ = [
     "CLIPTrainConfig", "CLIPTrainer", "EMA", "EpochOrder", "ImageCaptionSource", "ImageFolderSource", "InMemorySource", "LCMTrainConfig",
-    "LCMTrainer", "TrainConfig",
+    "LCMTrainer", "TAESDTrainConfig", "TAESDTrainer", "TrainConfig",
     "TrainConfigError", "TrainDataError", "TrainResult", "TrainTask", "UNetTrainConfig", "UNetTrainer",
-    "VAETrainConfig", "VAETrainer", "WorldSource", "run_training", "train_clip", "train_lcm", "train_unet", "train_vae",
+    "VAETrainConfig", "VAETrainer", "WorldSource", "run_training", "train_clip", "train_lcm", "train_taesd", "train_unet", "train_vae",
 ]

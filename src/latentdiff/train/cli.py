@@ -4,6 +4,7 @@
     latentdiff train unet --config unet.toml [--resume] [--out DIR] [--steps N]
     latentdiff train clip --config clip.toml [--resume] [--out DIR] [--steps N]
     latentdiff train lcm  --config lcm.toml  [--resume] [--out DIR] [--steps N]
+    latentdiff train taesd --config taesd.toml [--resume] [--out DIR] [--steps N]
     latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|assemble] [--target DIR]
 """
 
@@ -21,6 +22,7 @@ from .clip import CLIPTrainConfig
 from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
 from .data import TrainDataError
 from .lcm import LCMTrainConfig
+from .taesd import TAESDTrainConfig
 
 
 def _run_vae(config: TrainConfig, resume: bool) -> Any:
@@ -47,12 +49,19 @@ def _run_lcm(config: TrainConfig, resume: bool) -> Any:
     return train_lcm(config, resume=resume)  # type: ignore[arg-type]
 
 
-# subcommand -> (config class, runner, help). Add "clip" and "builtin" here.
+def _run_taesd(config: TrainConfig, resume: bool) -> Any:
+    from .taesd import train_taesd
+
+    return train_taesd(config, resume=resume)  # type: ignore[arg-type]
+
+
+# subcommand -> (config class, runner, help).
 TRAINERS: dict[str, tuple[type[TrainConfig], Callable[[TrainConfig, bool], Any], str]] = {
     "vae": (VAETrainConfig, _run_vae, "train or fine-tune the autoencoder (L1 + KL + PatchGAN [+ LPIPS])"),
     "clip": (CLIPTrainConfig, _run_clip, "train a small CLIP (text + image towers) contrastively on the built-in world"),
     "unet": (UNetTrainConfig, _run_unet, "train or fine-tune the UNet on VAE latents with a frozen text encoder"),
     "lcm": (LCMTrainConfig, _run_lcm, "distill a pipeline's UNet into an LCM-LoRA (4-step sampling with sampler lcm)"),
+    "taesd": (TAESDTrainConfig, _run_taesd, "distill a model's VAE into a tiny autoencoder (TAESD) for fast decodes and previews"),
 }
 
 
