@@ -102,6 +102,13 @@ def _add_generation_arguments(p: argparse.ArgumentParser, strength: float | None
     p.add_argument("--cache-interval", type=int, default=1, metavar="N",
                    help="DeepCache: run the whole UNet once every N calls, reuse its deep features between (default 1: off)")
     p.add_argument("--tile-vae", action="store_true", help="encode/decode in overlapping tiles (large images)")
+    p.add_argument("--preview", metavar="FILE",
+                   help="live preview: write each step's predicted image (the batch side by side) to FILE, "
+                        "overwritten as sampling goes; decoded by the model's tiny autoencoder when it has one")
+    p.add_argument("--preview-every", type=int, default=1, metavar="N", help="preview every N steps (default 1)")
+    p.add_argument("--preview-vae", metavar="PATH",
+                   help="a tiny autoencoder (TAESD folder or taesd_decoder file) for the previews "
+                        "(default: the model folder's taesd/, else the model's VAE)")
     p.add_argument("--out", default="out.png", help="output PNG; a batch writes NAME-0.png, NAME-1.png, ...")
     p.add_argument("--upscale", type=int, default=1, metavar="N",
                    help="also write an N-times larger nearest-neighbour copy for viewing (NAME.xN.png)")
@@ -213,18 +220,44 @@ def output_paths(out: str, count: int, upscale: int = 1) -> list[Path]:
     return [check_output_path(p) for p in paths]
 
 
-class _StepReport:
-    """The progress bar of a generation, and a one-line time estimate when the first step shows
-    that the whole run will take more than about a minute."""
+class _PreviewWriter:
+    """``--preview FILE``: the step's x0 prediction, decoded by ``pipe.preview``, the batch side by
+    side, written atomically every ``every`` steps and at the last one."""
 
-    def __init__(self, command: str, note: str | None = None) -> None:
+    def __init__(self, pipe, path: Path, every: int) -> None:
+        self.pipe, self.path, self.every = pipe, path, every
+
+    def __call__(self, step: int, total: int, x0) -> None:
+        from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
+
+        from latentdiff.checkpoints.io import atomic_path
+
+        if (step + 1) % self.every and step + 1 != total:
+            return
+        images = self.pipe.preview(x0)
+        strip = Image.new("RGB", (sum(i.width for i in images), images[0].height))
+        for k, image in enumerate(images):
+            strip.paste(image, (k * image.width, 0))
+        info = PngInfo()
+        info.add_text("preview", f"step {step + 1}/{total}")
+        with atomic_path(self.path) as tmp:
+            strip.save(tmp, format="PNG", pnginfo=info)
+
+
+class _StepReport:
+    """The progress bar of a generation, a one-line time estimate when the first step shows
+    that the whole run will take more than about a minute, and the live preview if asked."""
+
+    def __init__(self, command: str, note: str | None = None, preview: _PreviewWriter | None = None) -> None:
         self.command = command
         self.note = note  # printed at the first step, once every argument has proved good
+        self.preview = preview
         self.bar = None
         self.start = 0.0
         self.step_seconds: float | None = None  # the second step's duration, once measured
 
-    def __call__(self, step: int, total: int, _x0) -> None:
+    def __call__(self, step: int, total: int, x0) -> None:
         import time
 
         from tqdm import tqdm
@@ -239,6 +272,8 @@ class _StepReport:
             if self.step_seconds * total > LONG_RUN_SECONDS:
                 print(f"latentdiff: this will take about {_duration(self.step_seconds * total)} "
                       f"({total} steps at {self.step_seconds:.1f} s each)", file=sys.stderr)
+        if self.preview is not None:
+            self.preview(step, total, x0)
         self.bar.update(1)
 
     def close(self) -> None:
@@ -303,11 +338,14 @@ def run_generate(args: argparse.Namespace) -> int:
         size = check_extension(extension, image.size, 1).canvas_size(image.size)  # the VAE factor: once loaded
     options = generation_options(args)
     outputs = output_paths(args.out, args.batch, args.upscale)
+    preview_path = output_paths(args.preview, 1)[0] if args.preview else None
+    if args.preview_every < 1:
+        raise BadArgument(f"--preview-every must be >= 1, got {args.preview_every}")
     check_lora_tags([args.prompt, args.negative], args.lora_dir)
 
     loras = [parse_lora_argument(text) for text in args.lora]
     pipe = latentdiff.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, vae=args.vae,
-                           lora_dirs=args.lora_dir, compile=args.compile)
+                           lora_dirs=args.lora_dir, compile=args.compile, preview_vae=args.preview_vae)
     pipe.memory_budget = limit
     if fast_lora is not None:
         pipe.load_lora(fast_lora, name="lcm_lora")
@@ -325,7 +363,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.dtype == "auto":
         hint = "" if pipe.dtype == torch.float32 else "; --dtype float32 for full precision"
         note = f"latentdiff: networks in {pipe.dtype_reason}{hint}"
-    report = _StepReport(args.command, note)
+    preview = _PreviewWriter(pipe, preview_path, args.preview_every) if preview_path else None
+    report = _StepReport(args.command, note, preview)
     try:
         if args.command == "generate":
             images = pipe.txt2img(args.prompt, options, callback=report)

@@ -27,7 +27,7 @@ from .models.tokenizer import CLIPTokenizer
 from .checkpoints import taesd_files
 from .models.taesd import TinyAutoencoder
 from .models.vae import AutoencoderKL, VAEConfig
-from .pipeline import Pipeline
+from .pipeline import PREVIEW_FOLDER, Pipeline
 from .speed.dtype import DTYPES, choose_dtype
 from .speed.compile import compile_unet
 from .speed.prepack import prepack_convolutions
@@ -48,6 +48,7 @@ def load(
     variant: str | None = None,
     lora_dirs: Sequence[str | Path] = (),
     compile: bool = False,
+    preview_vae: str | Path | None = None,
 ) -> Pipeline:
     """Load a Stable Diffusion pipeline.
 
@@ -64,6 +65,8 @@ def load(
         lora_dirs: folders holding the LoRAs that prompts tag as ``<lora:NAME:WEIGHT>``.
         compile: compile the UNet with ``torch.compile`` (:mod:`latentdiff.speed.compile`; the
             first generation pays the compile time).
+        preview_vae: a tiny autoencoder (TAESD) that decodes step previews (``pipe.preview``);
+            default: the model folder's ``taesd/`` when it has one (the built-in model does).
     """
     device = check_device(device)
     if dtype is None or dtype == "auto":
@@ -101,6 +104,13 @@ def load(
         if not isinstance(new_vae, (AutoencoderKL, TinyAutoencoder)):
             raise CheckpointError(f"{vae} is not a VAE")
         pipe.vae = new_vae
+    if preview_vae is None and path.is_dir() and (path / PREVIEW_FOLDER / "config.json").is_file():
+        preview_vae = path / PREVIEW_FOLDER
+    if preview_vae is not None:
+        tiny = load_component(preview_vae, device=device, dtype=dtype)
+        if not isinstance(tiny, TinyAutoencoder):
+            raise CheckpointError(f"{preview_vae} is not a tiny autoencoder (AutoencoderTiny / TAESD)")
+        pipe.preview_vae = tiny
     pipe.lora_dirs = folders
     pipe.dtype_reason = reason
     for network in (pipe.unet, pipe.vae):

@@ -22,7 +22,7 @@ from PIL import Image
 from . import generate
 from .adapters.lora import LoraState
 from .checkpoints import single_file
-from .checkpoints.diffusers_folder import KINDS, save_pipeline_folder
+from .checkpoints.diffusers_folder import KINDS, save_component, save_pipeline_folder
 from .checkpoints.io import write_safetensors
 from .errors import BadArgument
 from .models.clip import CLIPTextModel
@@ -36,6 +36,8 @@ from .schedule import ScheduleConfig
 
 
 _OPTION_FIELDS = {f.name for f in dataclasses.fields(GenerationOptions)}
+#: the subfolder of a pipeline folder holding its preview decoder (an ``AutoencoderTiny``)
+PREVIEW_FOLDER = "taesd"
 
 
 @dataclass
@@ -62,6 +64,8 @@ class Pipeline:
     embeddings: dict[str, Tensor] = field(default_factory=dict, repr=False)
     #: the file each embedding was read from (for A1111's "TI hashes")
     embedding_files: dict[str, Path] = field(default_factory=dict, repr=False)
+    #: the decoder of step previews (:meth:`preview`): a tiny autoencoder, or None to use ``vae``
+    preview_vae: TinyAutoencoder | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -77,10 +81,18 @@ class Pipeline:
         return self.vae.downsample_factor
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
-        """Move (and cast) all three networks in place; returns self."""
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+        """Move (and cast) all three networks (and the preview decoder) in place; returns self."""
+        for module in (self.unet, self.vae, self.text_encoder, self.preview_vae):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
         return self
+
+    def preview(self, x0_latents: Tensor) -> list[Image.Image]:
+        """Quick RGB previews of a step callback's x0 prediction (scaled latents (B, c, h, w)),
+        decoded by ``preview_vae`` (a few milliseconds) or, without one, by the VAE."""
+        from .models.taesd import preview
+
+        return preview(self.preview_vae if self.preview_vae is not None else self.vae, x0_latents)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1, min_chunks: int = 1) -> Tensor:
@@ -249,7 +261,8 @@ class Pipeline:
         return outpaint(self, settings, image, extension, callback)
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Save as a diffusers folder (loadable by ``diffusers.StableDiffusionPipeline``),
+        """Save as a diffusers folder (loadable by ``diffusers.StableDiffusionPipeline``; a preview
+        decoder goes in its ``taesd/`` subfolder),
         or as one original-layout ``.safetensors`` file when ``path`` ends in ``.safetensors``
         (a single file holds no tokenizer or scheduler config, as in the original format).
         """
@@ -270,3 +283,5 @@ class Pipeline:
             raise ValueError(f"{path.name}: latentdiff writes safetensors only (a folder or a .safetensors file)")
         save_pipeline_folder(path, {name: getattr(self, name) for name in KINDS}, self.tokenizer,
                              self.schedule.to_dict(), dtype)
+        if self.preview_vae is not None:  # beside the diffusers components; load() finds it there
+            save_component(self.preview_vae, path / PREVIEW_FOLDER, "vae", dtype)
