@@ -220,3 +220,26 @@ def test_lcm_lora_through_load_lora_matches_diffusers(diffusers_dir: Path, tmp_p
                          width=SIZE, height=SIZE, **kw),
         pipe, ref,
     )
+
+
+def test_the_builtin_models_lcm_lora_gives_diffusers_images(tmp_path: Path) -> None:
+    """The shipped distilled LoRA loads in diffusers (load_lora_weights) and gives the images
+    latentdiff gives with it (the built-in model's fast default: LCM, guidance 1)."""
+    pytest.importorskip("peft")
+    from latentdiff.loading import BUILTIN_MODEL
+
+    lora = BUILTIN_MODEL / "lcm_lora.safetensors"
+    pipe = latentdiff.load(dtype=torch.float32)
+    pipe.load_lora(lora)
+    ref = with_scheduler(diffusers.StableDiffusionPipeline.from_pretrained(BUILTIN_MODEL, dtype=torch.float32),
+                         "lcm")
+    ref.load_lora_weights(str(BUILTIN_MODEL), weight_name=lora.name)
+    ref.fuse_lora(lora_scale=1.0)
+    prompts = ["a large red circle in the center on a white background",
+               "a small blue square in the top left on a black background"]
+    compare(
+        lambda **kw: pipe.txt2img(prompts, steps=8, guidance_scale=1.0, seed=SEED, sampler="lcm", **kw),
+        lambda **kw: ref(prompts, num_inference_steps=8, guidance_scale=1.0, generator=generators(2),
+                         width=64, height=64, **kw),
+        pipe, ref,
+    )
