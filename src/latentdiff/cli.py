@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     samplers.set_defaults(func=run_samplers)
     _add_vae_parser(commands)
     _add_eval_parser(commands)
+    _add_serve_parser(commands)
     try:
         from .train.cli import add_train_parser
     except ImportError:  # training extras missing: the rest of the CLI still works
@@ -168,6 +169,51 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_train_parser(commands)
     return parser
+
+
+def _add_serve_parser(commands) -> None:
+    p = commands.add_parser("serve", help="serve AUTOMATIC1111's HTTP API and a web page (needs latentdiff[server])")
+    p.add_argument("--model", help="model folder or file to start with (default: the built-in model)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
+    p.add_argument("--listen", action="store_true", help="serve every network interface (needs --api-auth or --insecure)")
+    p.add_argument("--insecure", action="store_true", help="allow --listen without --api-auth")
+    p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="HTTP basic credentials (A1111's flag)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another Host name clients may use (the DNS-rebinding guard allows loopback names only)")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR", help="LoRAs for <lora:NAME:W> tags")
+    p.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings to load")
+    p.add_argument("--models-dir", metavar="DIR", help="more models (diffusers folders) clients may switch to")
+    p.add_argument("--tokenizer", help="tokenizer folder for single-file checkpoints")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--queue", type=int, default=16, metavar="N", help="jobs that may wait (default 16; more: 503)")
+    p.add_argument("--max-side", type=int, default=2048, metavar="PX", help="largest width / height a request may ask")
+    p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask (default 150)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .errors import BadArgument
+
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as err:
+        raise BadArgument(f"latentdiff serve needs the server extra (pip install 'latentdiff[server]'): {err}") from None
+    from .serve.config import ServeConfig, parse_api_auth
+
+    config = ServeConfig(
+        model=args.model, port=args.port, listen=args.listen, insecure=args.insecure,
+        api_auth=parse_api_auth(args.api_auth) if args.api_auth else [], allowed_hosts=args.allowed_host,
+        lora_dirs=[Path(d) for d in args.lora_dir], embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
+        models_dir=Path(args.models_dir) if args.models_dir else None, tokenizer=args.tokenizer, dtype=args.dtype,
+        queue_size=args.queue, max_side=args.max_side, max_steps=args.max_steps,
+    )
+    app = create_app(config)
+    print(f"latentdiff serve: http://{'0.0.0.0' if args.listen else '127.0.0.1'}:{args.port}/ "
+          f"({app.server.checkpoint.title}; A1111 API at /sdapi/v1)", file=sys.stderr)
+    uvicorn.run(app, host=config.bind_host(), port=config.port, log_level="warning")
+    return 0
 
 
 def _add_vae_parser(commands) -> None:

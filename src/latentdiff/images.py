@@ -12,6 +12,7 @@ generation, instead of failing at the end.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -25,7 +26,7 @@ from PIL import Image
 
 from .errors import BadFile
 
-__all__ = ["check_output_path", "open_image"]
+__all__ = ["check_output_path", "image_from_bytes", "open_image"]
 
 # Formats PIL may open. EPS is left out: PIL decodes it by running Ghostscript.
 _EXCLUDED_FORMATS = frozenset({"EPS"})
@@ -61,45 +62,55 @@ def open_image(path: str | Path, *, what: str = "image", max_pixels: int) -> Ima
         raise BadFile(f"{what} {path} is a directory, expected an image file")
     if not stat.S_ISREG(mode):
         raise BadFile(f"{what} {path} is not a regular file (a device, pipe or socket)")
+    return _decode(path, f"{what} {path}", max_pixels)
+
+
+def image_from_bytes(data: bytes, *, what: str = "image", max_pixels: int) -> Image.Image:
+    """:func:`open_image` for an image held in memory (an upload): the same checks and errors."""
+    return _decode(io.BytesIO(data), what, max_pixels)
+
+
+def _decode(source: str | Path | io.BytesIO, label: str, max_pixels: int) -> Image.Image:
+    """Open ``source`` (named ``label`` in errors), check its size from the header, decode it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path, formats=_formats())
+            image = Image.open(source, formats=_formats())
     except Image.UnidentifiedImageError:
-        raise BadFile(f"{what} {path} is not an image (or not in a format PIL reads)") from None
+        raise BadFile(f"{label} is not an image (or not in a format PIL reads)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise _bomb(what, path, err, max_pixels) from None
+        raise _bomb(label, err, max_pixels) from None
     except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-        raise BadFile(f"cannot read {what} {path}: {err.strerror or err}") from None
+        raise BadFile(f"cannot read {label}: {err.strerror or err}") from None
     except _DECODE_ERRORS as err:
-        raise BadFile(f"{what} {path} is corrupt: {_first_line(err)}") from None
+        raise BadFile(f"{label} is corrupt: {_first_line(err)}") from None
     with image:
         width, height = image.size
         if width * height > max_pixels:
             raise BadFile(
-                f"{what} {path} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
+                f"{label} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
             )
         if width * height == 0:
-            raise BadFile(f"{what} {path} is empty ({width}x{height} pixels)")
+            raise BadFile(f"{label} is empty ({width}x{height} pixels)")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image.load()
                 return _rgb_or_l(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise _bomb(what, path, err, max_pixels) from None
+            raise _bomb(label, err, max_pixels) from None
         except _DECODE_ERRORS as err:
-            raise BadFile(f"{what} {path} is truncated or corrupt: {_first_line(err)}") from None
+            raise BadFile(f"{label} is truncated or corrupt: {_first_line(err)}") from None
 
 
-def _bomb(what: str, path: Path, err: Exception, max_pixels: int) -> BadFile:
+def _bomb(label: str, err: Exception, max_pixels: int) -> BadFile:
     """PIL's decompression-bomb error or warning (which give the pixel count) as a BadFile."""
     found = re.search(r"\((\d+) pixels\)", str(err))
     if found and int(found[1]) > max_pixels:  # over our own budget too: say so, as for smaller images
-        return BadFile(f"{what} {path} is {found[1]} pixels, more than the limit of {max_pixels}")
+        return BadFile(f"{label} is {found[1]} pixels, more than the limit of {max_pixels}")
     reason = str(err).removesuffix(", could be decompression bomb DOS attack.").rstrip(".")
     return BadFile(
-        f"{what} {path} is refused as a possible decompression bomb: {reason} (PIL's limit; "
+        f"{label} is refused as a possible decompression bomb: {reason} (PIL's limit; "
         f"latentdiff's is {max_pixels} pixels)"
     )
 
