@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -377,3 +378,31 @@ def test_hires_fields(api) -> None:
                       denoising_strength=0.5, hr_upscaler="Latent")
     assert out.images[0].size == (128, 128) and "Hires upscale: 2" in out.info["infotexts"][0]
 
+
+
+def test_loras_and_embeddings_are_served(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from test_lora import kohya_file, random_lora
+
+    loras, embeddings = tmp_path / "Lora", tmp_path / "embeddings"
+    (loras / "styles").mkdir(parents=True)
+    embeddings.mkdir()
+    kohya_file(random_lora(latentdiff.load(dtype="float32"), seed=3), loras / "styles" / "ink.safetensors")
+    save_file({"emb_params": torch.randn(2, 128, generator=torch.Generator().manual_seed(0))},
+              str(embeddings / "zqxstyle.safetensors"))
+    with live_server(lora_dirs=[loras], embeddings_dir=embeddings) as (url, app):
+        listed = requests.get(f"{url}/sdapi/v1/loras").json()
+        assert listed == [{"name": "ink", "alias": "ink", "path": "styles/ink.safetensors", "metadata": {}}]
+        loaded = requests.get(f"{url}/sdapi/v1/embeddings").json()["loaded"]
+        assert loaded["zqxstyle"]["vectors"] == 2 and loaded["zqxstyle"]["shape"] == 128
+        prompt = "<lora:ink:0.8> a large red circle zqxstyle"
+        body = {"prompt": prompt, "seed": 5, "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler"}
+        answer = requests.post(f"{url}/sdapi/v1/txt2img", json=body).json()
+        image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+        infotext = json.loads(answer["info"])["infotexts"][0]
+        assert "Lora hashes" in infotext and "TI hashes" in infotext
+        expected = app.server.pipe.txt2img(prompt, seed=5, steps=4, guidance_scale=7.0, sampler="Euler")[0]
+        plain = app.server.pipe.txt2img("a large red circle zqxstyle", seed=5, steps=4, guidance_scale=7.0,
+                                        sampler="Euler")[0]
+        assert same_pixels(image, expected) and not same_pixels(image, plain)
