@@ -156,7 +156,13 @@ def test_options_samplers_schedulers_png_info_and_lists(api, served) -> None:
     url, _ = served
     options = api.get_options()
     assert options["sd_model_checkpoint"].startswith("shapes-v2") and options["latentdiff_native_size"] == 64
-    assert isinstance(api.set_options({"CLIP_stop_at_last_layers": 1}), dict)
+    body = {"prompt": PROMPT, "seed": 9, "width": 64, "height": 64, "steps": 2}
+    assert api.set_options({"CLIP_stop_at_last_layers": 2})["CLIP_stop_at_last_layers"] == 2
+    try:
+        skipped = requests.post(f"{url}/sdapi/v1/txt2img", json=body).json()
+        assert "Clip skip: 2" in json.loads(skipped["info"])["infotexts"][0]
+    finally:
+        api.set_options({"CLIP_stop_at_last_layers": 1})
     names = {s["name"] for s in api.get_samplers()}
     assert {"Euler", "Euler a", "DDIM", "DPM++ 2M", "LCM"} <= names
     assert [s["name"] for s in api.get_schedulers()][:2] == ["automatic", "karras"]

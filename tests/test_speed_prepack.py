@@ -11,6 +11,7 @@ from torch import nn
 
 import latentdiff
 from latentdiff.speed import PrepackedConv2d, is_prepacked, prepack_convolutions, unpack_convolutions
+from latentdiff.speed.prepack import packed_dtypes
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
 
@@ -33,7 +34,8 @@ def test_prepacked_unet_equals_plain(diffusers_dir: Path, dtype: torch.dtype, rt
     x, t, ctx = unet_inputs(pipe)
     with torch.no_grad():
         packed = pipe.unet(x, t, ctx)
-        assert packed_layers(pipe.unet), "no layer took the packed path"
+        # bfloat16 is packed only where oneDNN runs it (AVX512-BW/VL/DQ); elsewhere every layer falls back
+        assert bool(packed_layers(pipe.unet)) == (dtype in packed_dtypes()), "packed path taken or missed wrongly"
         plain = unpack_convolutions(copy.deepcopy(pipe.unet))(x, t, ctx)
     assert not is_prepacked(unpack_convolutions(copy.deepcopy(pipe.unet)))
     err = ((packed.float() - plain.float()).norm() / plain.float().norm()).item()

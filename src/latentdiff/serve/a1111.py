@@ -19,7 +19,8 @@ import binascii
 import io
 import json
 import random
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -148,19 +149,12 @@ class Plan:
     subseed: int
     clip_skip: int = 1
     checkpoint: str | None = None  # override_settings' sd_model_checkpoint
-    fields: dict[str, Any] = field(default_factory=dict)
 
     def batch_options(self, k: int) -> GenerationOptions:
         """Batch k of n_iter: A1111 continues the seeds over all images."""
         shift = k * self.options.images_per_prompt
         subseed = self.subseed + shift if self.options.subseed_strength > 0 else None
-        return _replace(self.options, seed=self.seed + shift, subseed=subseed)
-
-
-def _replace(options: GenerationOptions, **changes: Any) -> GenerationOptions:
-    import dataclasses
-
-    return dataclasses.replace(options, **changes)
+        return dataclasses.replace(self.options, seed=self.seed + shift, subseed=subseed)
 
 
 def _seed(name: str, value: int) -> int:
@@ -172,8 +166,9 @@ def _seed(name: str, value: int) -> int:
 
 
 def plan_request(req: GenerationRequest, config: ServeConfig, *, strength: float | None = None,
-                 default_size: tuple[int, int] | None = None) -> Plan:
-    """Map a request onto :class:`GenerationOptions` (validated later by the pipeline)."""
+                 default_size: tuple[int, int] | None = None, clip_skip: int = 1) -> Plan:
+    """Map a request onto :class:`GenerationOptions` (validated later by the pipeline);
+    ``clip_skip`` is the server's option, which ``override_settings`` may replace."""
     check_limits(req, config)
     sampler = req.sampler_name or req.sampler_index or "Euler"
     scheduler_name = (req.scheduler or "automatic").strip().lower().replace(" ", "_")
@@ -181,7 +176,7 @@ def plan_request(req: GenerationRequest, config: ServeConfig, *, strength: float
         raise BadArgument(f"scheduler {req.scheduler!r} is not one latentdiff has; known: "
                           f"{', '.join(SCHEDULERS)}")
     overrides = dict(req.override_settings or {})
-    clip_skip = overrides.pop("CLIP_stop_at_last_layers", 1)
+    clip_skip = overrides.pop("CLIP_stop_at_last_layers", clip_skip)
     checkpoint = overrides.pop("sd_model_checkpoint", None)
     width = req.width if req.width is not None else (default_size[0] if default_size else None)
     height = req.height if req.height is not None else (default_size[1] if default_size else None)

@@ -227,7 +227,7 @@ def create_app(config: ServeConfig) -> Guard:
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(req: a1111.Txt2ImgRequest, request: Request) -> dict:
         try:
-            plan = a1111.plan_request(req, config)
+            plan = a1111.plan_request(req, config, clip_skip=server.options["CLIP_stop_at_last_layers"])
         except UserError as err:
             raise answer_error(err) from None
         check_plan(plan, None)
@@ -245,7 +245,8 @@ def create_app(config: ServeConfig) -> Guard:
             mask = None
             if req.mask:
                 mask = a1111.prepare_mask(a1111.decode_image(req.mask, "mask", max_pixels()), size, req)
-            plan = a1111.plan_request(req, config, strength=req.denoising_strength, default_size=size)
+            plan = a1111.plan_request(req, config, strength=req.denoising_strength, default_size=size,
+                                      clip_skip=server.options["CLIP_stop_at_last_layers"])
             if mask is not None:
                 image = a1111.fill_masked(image, mask, req.inpainting_fill, plan.seed)
         except UserError as err:

@@ -78,7 +78,6 @@ class JobQueue:
         self.current: Job | None = None
         self.finished = 0
         self.history: collections.deque[int] = collections.deque(maxlen=1000)  # ids of the jobs run, in order
-        self._stop = False
         self._worker = threading.Thread(target=self._work, name="latentdiff-queue", daemon=True)
         self._worker.start()
 
@@ -117,19 +116,12 @@ class JobQueue:
         if job is not None:
             job.progress.skipped = True
 
-    def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-
     # ---- the worker -------------------------------------------------------------------
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stop:
+                while not self._waiting:
                     self._cond.wait()
-                if self._stop:
-                    return
                 job = self._waiting.popleft()
                 self.current = job
                 self.history.append(job.id)

@@ -8,7 +8,8 @@ more than the convolution itself.  :func:`prepack_convolutions` switches a modul
 reuses it while the weight is unchanged (measured in ``benchmarks/bench_kernels.py``).
 
 - Only inference on the CPU (no autograd through the packed call: a forward that needs
-  gradients, or any other device, takes the plain path), float32 and bfloat16.
+  gradients, or any other device, takes the plain path), float32, and bfloat16 where
+  oneDNN runs it (it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; elsewhere bf16 takes the plain path).
 - Only where it wins: a weight with at least as many elements as one image's input
   activation (below that, oneDNN's own reorder is cheap and the plain call is as fast).
 - The weights and the state dict are untouched: the packed copy is a cache, rebuilt when
@@ -19,10 +20,18 @@ reuses it while the weight is unchanged (measured in ``benchmarks/bench_kernels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+@functools.cache
+def packed_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN can reorder and run here: float32, plus bfloat16 where the CPU has the
+    instructions (asked of oneDNN itself: a CPU without them raises inside the reorder)."""
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
 
 
 def _available() -> bool:
@@ -42,7 +51,7 @@ class PrepackedConv2d(nn.Conv2d):
         return (
             x.device.type == "cpu"
             and x.dtype == self.weight.dtype
-            and x.dtype in PACKED_DTYPES
+            and x.dtype in packed_dtypes()
             and x.ndim == 4
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
