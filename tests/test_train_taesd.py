@@ -16,15 +16,7 @@ from latentdiff.train import InMemorySource, TrainConfigError
 from latentdiff.train.checkpoint import load_checkpoint
 from latentdiff.train.taesd import TAESDTrainConfig, TAESDTrainer, train_taesd
 
-from test_train_lcm import _same
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_train_lcm import _same, one_thread  # noqa: F401 - one_thread: the autouse fixture, shared
 
 
 def source(size: int = 16, n: int = 6) -> InMemorySource:
