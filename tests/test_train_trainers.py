@@ -17,7 +17,7 @@ from latentdiff.models.tokenizer import train_clip_bpe
 from latentdiff.models.unet import UNet2DCondition, UNetConfig
 from latentdiff.models.vae import AutoencoderKL, VAEConfig
 from latentdiff.pipeline import Pipeline
-from latentdiff.train import InMemorySource, UNetTrainConfig, VAETrainConfig, train_unet, train_vae
+from latentdiff.train import InMemorySource, TrainConfigError, UNetTrainConfig, VAETrainConfig, train_unet, train_vae
 from latentdiff.train.build import seeded
 from latentdiff.train.checkpoint import TrainCheckpointError, load_checkpoint
 
@@ -295,3 +295,56 @@ def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path) -> None:
     before, after = vae.state_dict(), tuned.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers(prediction_type) -> None:
+    """diffusers' train_text_to_image weighting: compute_snr, min with gamma, / snr (or snr + 1)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from latentdiff.schedule import NoiseSchedule, ScheduleConfig
+    from latentdiff.train.unet import min_snr_weights
+
+    reference = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = torch.arange(1000)
+    snr = compute_snr(reference, t)
+    expected = torch.stack([snr, 5.0 * torch.ones_like(snr)]).min(dim=0)[0]
+    expected = expected / (snr + 1) if prediction_type == "v_prediction" else expected / snr
+    abar = NoiseSchedule(ScheduleConfig()).alphas_cumprod[t]
+    torch.testing.assert_close(min_snr_weights(abar.float(), 5.0, prediction_type), expected.float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_unet_loss_with_min_snr_and_noise_offset(tmp_path, prediction_type) -> None:
+    """One micro-step's loss against the same draws done by hand: caption dropout, t, eps, then
+    the offset (B, c, 1, 1); Min-SNR-gamma weights from diffusers' compute_snr."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from latentdiff.train.unet import UNetTrainer, drop_captions, noisy_latents_and_target
+
+    cfg = unet_config(tmp_path, min_snr_gamma=2.0, noise_offset=0.1, prediction_type=prediction_type,
+                      caption_dropout=0.5, bf16=False)
+    trainer = UNetTrainer(cfg, source=synthetic_source(), pipeline=tiny_pipeline())
+    g = torch.Generator()
+    g.set_state(trainer.noise.get_state())
+    indices = [0, 1, 2]
+    loss = trainer._micro_step(indices, accum=1)
+
+    x0 = trainer.latents[indices]
+    captions = drop_captions([trainer.captions[i] for i in indices], 0.5, g)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    eps = eps + 0.1 * torch.randn((3, x0.shape[1], 1, 1), generator=g)
+    abar = trainer.schedule.alphas_cumprod[t]
+    x_t, target = noisy_latents_and_target(x0, eps, abar, prediction_type)
+    with torch.no_grad():
+        pred = trainer.unet(x_t, t, trainer.embed(captions))
+    snr = compute_snr(DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"), t)
+    weights = torch.stack([snr, 2.0 * torch.ones_like(snr)]).min(dim=0)[0]
+    weights = weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
+    expected = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * weights).mean()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(TrainConfigError, match="min_snr_gamma"):
+        unet_config(tmp_path, min_snr_gamma=-1.0).validate()

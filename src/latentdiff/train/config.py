@@ -247,6 +247,8 @@ class UNetTrainConfig(TrainConfig):
     tokenizer: str | None = None  # tokenizer folder
     prediction_type: str = "epsilon"  # or "v_prediction"; also written into the exported scheduler config
     caption_dropout: float = 0.1  # probability that a caption is replaced by "" (classifier-free guidance)
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's); 0: off
+    noise_offset: float = 0.0  # > 0: add noise_offset * N(0, 1) per sample and channel to eps (darker darks)
     latent_mode: str = "mean"  # "mean" (posterior mode) or "sample" (one fixed draw per image)
     cache_text: bool = True  # True: encode each unique caption once; False: encode every batch
     ema_decay: float = 0.999
@@ -264,5 +266,8 @@ class UNetTrainConfig(TrainConfig):
             raise TrainConfigError(f"latent_mode must be 'mean' or 'sample', got {self.latent_mode!r}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise TrainConfigError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.min_snr_gamma < 0 or self.noise_offset < 0:
+            raise TrainConfigError(f"min_snr_gamma and noise_offset must be >= 0, got {self.min_snr_gamma} and "
+                                   f"{self.noise_offset}")
         if self.sample_steps < 1:
             raise TrainConfigError(f"sample_steps must be >= 1, got {self.sample_steps}")

@@ -14,6 +14,11 @@ What one micro-batch does (the DDPM objective of SD):
     x_t   = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps     (scaled_linear schedule)
     loss  = MSE(unet(x_t, t, text(c)), eps)            or v = sqrt(abar) eps - sqrt(1-abar) x0
 
+Options of common fine-tuning recipes (as diffusers' ``train_text_to_image``):
+``noise_offset`` adds ``noise_offset * N(0, 1)`` of shape (B, c, 1, 1) to eps (drawn after eps);
+``min_snr_gamma`` weights each sample's MSE by ``min(snr, gamma) / snr`` (epsilon) or
+``min(snr, gamma) / (snr + 1)`` (v-prediction), snr = abar / (1 - abar), before the batch mean.
+
 Caches (both exact, neither changes results):
 
 - latents: ``out_dir/cache/latents.safetensors`` holds every image's latent (posterior mean, or
@@ -108,6 +113,13 @@ def noisy_latents_and_target(x0: Tensor, eps: Tensor, abar: Tensor, prediction_t
     if prediction_type == "v_prediction":
         return x_t, a.sqrt() * eps - (1 - a).sqrt() * x0
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def min_snr_weights(abar: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-gamma loss weights (B,) for abar (B,): min(snr, gamma) / snr, or / (snr + 1) for v."""
+    snr = abar / (1 - abar)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
 def _state_hash(module: torch.nn.Module) -> str:
@@ -229,12 +241,18 @@ class UNetTrainer(TrainTask):
         captions = drop_captions([self.captions[i] for i in indices], cfg.caption_dropout, g)
         t = torch.randint(0, self.schedule.num_train_timesteps, (batch,), generator=g)
         eps = torch.randn(x0.shape, generator=g).to(self.device)
+        if cfg.noise_offset > 0:  # drawn only when on: runs without it keep their random stream
+            eps = eps + cfg.noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=g).to(self.device)
         abar = self.schedule.alphas_cumprod[t].to(self.device)
         x_t, target = noisy_latents_and_target(x0, eps, abar, cfg.prediction_type)
         emb = self.embed(captions)  # (B, 77, D)
         with autocast(self.device, cfg.bf16):
             pred = self.unet(x_t, t.to(self.device), emb)
-        loss = F.mse_loss(pred.float(), target)
+        if cfg.min_snr_gamma > 0:
+            per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+            loss = (per_sample * min_snr_weights(abar.float(), cfg.min_snr_gamma, cfg.prediction_type)).mean()
+        else:
+            loss = F.mse_loss(pred.float(), target)
         (loss / accum).backward()
         return loss.item()
 
