@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import csv
+from collections import defaultdict
+from collections.abc import Callable
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..checkpoints.io import atomic_path
 from .checkpoint import FORMAT, TrainCheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
-from .data import EpochOrder
+from .data import EpochOrder, load_batch
 from .ema import EMA
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -44,6 +46,18 @@ _RESUMABLE_CHANGES = {
     "max_steps", "out_dir", "log_every", "sample_every", "checkpoint_every", "export",
     "sample_prompts", "num_sample_images", "sample_steps", "guidance_scale", "sample_seed",
 }
+
+
+def average_over_image_batches(task: "TrainTask", micro_step: Callable[[Tensor], dict[str, float]]) -> dict[str, float]:
+    """Run ``micro_step(images)`` on ``grad_accum`` micro-batches of ``task.source`` (the next
+    ``batch_size`` items of ``task.order`` each, on ``task.device``); the terms averaged."""
+    accum = task.config.grad_accum
+    totals: dict[str, float] = defaultdict(float)
+    for _ in range(accum):
+        images, _ = load_batch(task.source, task.order.next(task.config.batch_size))  # type: ignore[attr-defined]
+        for key, value in micro_step(images.to(task.device)).items():  # type: ignore[attr-defined]
+            totals[key] += value / accum
+    return totals
 
 
 class TrainTask:

@@ -23,7 +23,6 @@ makes the decoder a little softer on photographs.
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from .config import TrainConfig, TrainConfigError
 from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
 from .ema import EMA
 from .grid import save_grid
-from .loop import TrainResult, TrainTask, run_training
+from .loop import TrainResult, TrainTask, average_over_image_batches, run_training
 from .optim import autocast, clipped_step, make_adamw, set_lr
 
 
@@ -150,11 +149,7 @@ class TAESDTrainer(TrainTask):
         cfg = self.config
         lr = cfg.lr_at(step)
         set_lr(self.optimizers["taesd"], lr)
-        totals: dict[str, float] = defaultdict(float)
-        for _ in range(cfg.grad_accum):
-            images, _ = load_batch(self.source, self.order.next(cfg.batch_size))
-            for key, value in self._micro_step(images.to(self.device), cfg.grad_accum).items():
-                totals[key] += value / cfg.grad_accum
+        totals = average_over_image_batches(self, lambda images: self._micro_step(images, cfg.grad_accum))
         totals["grad_norm"] = float(clipped_step(self.optimizers["taesd"], cfg.grad_clip))
         for ema in self.emas.values():
             ema.update(self.taesd)

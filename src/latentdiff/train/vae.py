@@ -21,7 +21,6 @@ reconstruct, then the GAN sharpens it). Not done here: LDM's learned output log-
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from .config import VAETrainConfig
 from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
 from .ema import EMA
 from .grid import save_grid
-from .loop import TrainResult, TrainTask, run_training
+from .loop import TrainResult, TrainTask, average_over_image_batches, run_training
 from .losses import (
     NLayerDiscriminator, adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss, kl_loss, l1_error,
 )
@@ -143,11 +142,7 @@ class VAETrainer(TrainTask):
         set_lr(self.optimizers["vae"], lr)
         set_lr(self.optimizers["discriminator"], cfg.lr_at(step, cfg.disc_lr or cfg.lr))
         factor = disc_factor(step, cfg.disc_start)
-        totals: dict[str, float] = defaultdict(float)
-        for _ in range(cfg.grad_accum):
-            images, _ = load_batch(self.source, self.order.next(cfg.batch_size))
-            for key, value in self._micro_step(images.to(self.device), factor, cfg.grad_accum).items():
-                totals[key] += value / cfg.grad_accum
+        totals = average_over_image_batches(self, lambda images: self._micro_step(images, factor, cfg.grad_accum))
         totals["grad_norm"] = float(clipped_step(self.optimizers["vae"], cfg.grad_clip))
         clipped_step(self.optimizers["discriminator"], cfg.grad_clip)
         for ema in self.emas.values():
