@@ -110,8 +110,8 @@ def check_limits(req: GenerationRequest, config: ServeConfig) -> None:
             raise BadArgument(f"hr_second_pass_steps must be in 0..{config.max_steps} on this server")
 
 
-def decode_image(data: str, what: str, max_pixels: int) -> Image.Image:
-    """A base64 image, raw or as a ``data:`` URL (never a URL to fetch)."""
+def decode_base64(data: str, what: str) -> bytes:
+    """The bytes of a base64 image, raw or as a ``data:`` URL (never a URL to fetch)."""
     if not isinstance(data, str) or not data:
         raise BadArgument(f"{what} must be a base64-encoded image")
     if data.startswith("data:"):
@@ -121,10 +121,14 @@ def decode_image(data: str, what: str, max_pixels: int) -> Image.Image:
     elif data.startswith(("http://", "https://", "file:")):
         raise BadArgument(f"{what}: images are sent as base64, not as URLs (this server fetches nothing)")
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise BadArgument(f"{what} is not valid base64") from None
-    return image_from_bytes(raw, what=what, max_pixels=max_pixels)
+
+
+def decode_image(data: str, what: str, max_pixels: int) -> Image.Image:
+    """A base64 image (:func:`decode_base64`), checked and decoded as :func:`~latentdiff.images.open_image` does."""
+    return image_from_bytes(decode_base64(data, what), what=what, max_pixels=max_pixels)
 
 
 def encode_png(image: Image.Image) -> str:

@@ -12,6 +12,8 @@ field, named), 503 when the queue is full or the machine is out of memory.
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import budget
 from ..checkpoints.errors import CheckpointError
 from ..errors import BadArgument, OutOfBudget, UserError
+from ..images import image_from_bytes
 from ..models.taesd import preview
 from ..samplers import SAMPLERS, SamplingCancelled
 from ..schedule import SIGMA_SCHEDULES
@@ -92,9 +95,7 @@ class Server:
             progress.job_no = k
             options = plan.batch_options(k)
             settings = pipe.settings(plan.prompt, options, size=image.size if image is not None else None)
-            final = settings.hires_settings() if settings.hires_size else settings
-            budget.check(pipe, final)
-            try:
+            try:  # the pipeline checks the memory budget itself (OutOfBudget: the job's error)
                 out = self._run_one(pipe, plan.prompt, options, image, mask, progress, req)
             except SamplingCancelled:
                 if progress.cancelled:
@@ -203,7 +204,19 @@ def create_app(config: ServeConfig) -> Guard:
     def max_pixels() -> int:
         return budget.max_image_pixels(budget.memory_budget(server.pipe.memory_budget))
 
-    def respond(req: a1111.GenerationRequest, plan: a1111.Plan, result: dict, job: Job) -> dict:
+    async def generate(request: Request, req: a1111.GenerationRequest, plan: a1111.Plan,
+                       image: Image.Image | None, mask: Image.Image | None, label: str) -> dict:
+        """Check ``plan`` against the current model (a fast 4xx for bad input), queue it, answer."""
+        try:
+            if plan.checkpoint is not None:
+                server.catalogue.find(plan.checkpoint)  # another model: checked when it is loaded
+            else:
+                settings = server.pipe.settings(plan.prompt, plan.options, size=image.size if image else None)
+                budget.check(server.pipe, settings.hires_settings() if settings.hires_size else settings)
+        except UserError as err:
+            raise answer_error(err) from None
+        job = Job(lambda progress: server.generate(req, progress, plan, image, mask), n_iter=plan.n_iter, label=label)
+        result = await run_job(request, job)
         images = result["images"]
         return {
             "images": [a1111.encode_png(im) for im in images] if req.send_images else [],
@@ -212,17 +225,6 @@ def create_app(config: ServeConfig) -> Guard:
                                     server.checkpoint, req, job.timestamp),
         }
 
-    def check_plan(plan: a1111.Plan, size: tuple[int, int] | None) -> None:
-        """Validate against the current model before queueing (fast 4xx for bad input)."""
-        try:
-            if plan.checkpoint is not None:
-                server.catalogue.find(plan.checkpoint)
-                return  # another model: checked when it is loaded
-            settings = server.pipe.settings(plan.prompt, plan.options, size=size)
-            budget.check(server.pipe, settings.hires_settings() if settings.hires_size else settings)
-        except UserError as err:
-            raise answer_error(err) from None
-
     # ---- generation routes ---------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(req: a1111.Txt2ImgRequest, request: Request) -> dict:
@@ -230,9 +232,7 @@ def create_app(config: ServeConfig) -> Guard:
             plan = a1111.plan_request(req, config, clip_skip=server.options["CLIP_stop_at_last_layers"])
         except UserError as err:
             raise answer_error(err) from None
-        check_plan(plan, None)
-        job = Job(lambda progress: server.generate(req, progress, plan, None, None), n_iter=plan.n_iter, label="txt2img")
-        return respond(req, plan, await run_job(request, job), job)
+        return await generate(request, req, plan, None, None, "txt2img")
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(req: a1111.Img2ImgRequest, request: Request) -> dict:
@@ -251,9 +251,7 @@ def create_app(config: ServeConfig) -> Guard:
                 image = a1111.fill_masked(image, mask, req.inpainting_fill, plan.seed)
         except UserError as err:
             raise answer_error(err) from None
-        check_plan(plan, size)
-        job = Job(lambda progress: server.generate(req, progress, plan, image, mask), n_iter=plan.n_iter, label="img2img")
-        return respond(req, plan, await run_job(request, job), job)
+        return await generate(request, req, plan, image, mask, "img2img")
 
     # ---- state -----------------------------------------------------------------------------
     @app.get("/sdapi/v1/progress")
@@ -351,10 +349,8 @@ def create_app(config: ServeConfig) -> Guard:
 
     @app.get("/sdapi/v1/memory")
     async def memory() -> dict:
-        total = free = None
+        total = None
         try:
-            import os
-
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             pass
@@ -367,12 +363,13 @@ def create_app(config: ServeConfig) -> Guard:
     @app.post("/sdapi/v1/png-info")
     async def png_info(req: a1111.PngInfoRequest) -> dict:
         try:
-            image = a1111.decode_image(req.image, "image", max_pixels())
+            data = a1111.decode_base64(req.image, "image")
+            image = image_from_bytes(data, what="image", max_pixels=max_pixels())
         except UserError as err:
             raise answer_error(err) from None
-        raw = await asyncio.to_thread(_png_text, req.image)
-        text = raw.get("parameters", "")
-        return {"info": text, "items": raw, "parameters": a1111.parse_infotext(text) if text else {},
+        items = await asyncio.to_thread(_png_text, data)
+        text = items.get("parameters", "")
+        return {"info": text, "items": items, "parameters": a1111.parse_infotext(text) if text else {},
                 "size": list(image.size)}
 
     # ---- the page ----------------------------------------------------------------------------
@@ -386,11 +383,7 @@ def create_app(config: ServeConfig) -> Guard:
     return guarded  # type: ignore[return-value]
 
 
-def _png_text(data: str) -> dict[str, str]:
-    """The text chunks of a base64 image (already checked by decode_image)."""
-    import base64
-    import io
-
-    raw = base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data)
-    with Image.open(io.BytesIO(raw)) as image:
+def _png_text(data: bytes) -> dict[str, str]:
+    """The text chunks of an image file's bytes (already checked by image_from_bytes)."""
+    with Image.open(io.BytesIO(data)) as image:
         return {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
