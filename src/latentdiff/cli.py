@@ -434,7 +434,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 MAX_UPSCALE = 64
-EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 
 
 def parse_lora_argument(text: str) -> tuple[Path, float]:
@@ -488,8 +487,9 @@ def load_embeddings_dir(pipe, folder: str) -> list[str]:
     directory = Path(folder)
     if not directory.is_dir():
         raise BadFile(f"--embeddings-dir {folder} is not a folder")
-    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES and p.is_file())
-    return [pipe.load_textual_inversion(p) for p in files]
+    from latentdiff.adapters.embeddings import embedding_files
+
+    return [pipe.load_textual_inversion(p) for p in embedding_files(directory)]
 
 
 def run_samplers(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ restores the originals exactly.  ``Pipeline.load_lora`` / ``unload_lora`` are th
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ..checkpoints.io import (
     SAFETENSORS_SUFFIXES,
     read_safetensors_header,
     read_state_dict,
+    sha256_file,
 )
 from . import kohya, peft
 from .embeddings import embedding_hash, read_embedding  # noqa: F401  (textual inversion)
@@ -62,12 +62,7 @@ def lora_hash(path: str | Path) -> str:
         read_safetensors_header(path)  # refuses a file that is not safetensors
         with open(path, "rb") as f:
             start = 8 + int.from_bytes(f.read(8), "little")
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        return sha256_file(path, start)[:12]
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
-    return digest.hexdigest()[:12]

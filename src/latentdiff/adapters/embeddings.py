@@ -17,7 +17,6 @@ digits (A1111's ``Embedding.set_hash``: ``shorthash = hash[0:12]``, over
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,7 +26,9 @@ import torch
 from torch import Tensor
 
 from ..checkpoints.errors import CheckpointError
-from ..checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, _CORRUPT_PICKLE, _unpickling_reason, read_state_dict
+from ..checkpoints.io import (
+    PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, _CORRUPT_PICKLE, _unpickling_reason, read_state_dict, sha256_file,
+)
 from ..errors import BadArgument
 from ..prompts import find_embedding_runs, parse_weighted_prompt
 
@@ -106,11 +107,16 @@ def read_embedding(path: str | Path) -> Tensor:
 
 def embedding_hash(path: str | Path) -> str:
     """A1111's "TI hashes" value of a file: sha256 of its bytes, first 12 hex digits."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:SHORT_HASH_DIGITS]
+    return sha256_file(path)[:SHORT_HASH_DIGITS]
+
+
+#: the file kinds a folder of embeddings holds (A1111's embeddings/ folder)
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+
+
+def embedding_files(folder: str | Path) -> list[Path]:
+    """The embedding files directly in ``folder``, sorted by name (their stems are the trigger names)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES and p.is_file())
 
 
 # ----------------------------------------------------------------------------- on a pipeline

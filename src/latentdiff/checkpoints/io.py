@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -416,3 +417,13 @@ def load_strict(
     if leftovers:
         raise CheckpointError(f"{what}: tensors not set by the checkpoint: {_name_some(leftovers)}")
     return module.eval()
+
+
+def sha256_file(path: str | Path, start: int = 0) -> str:
+    """Hex sha256 of a file's bytes from offset ``start`` on, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -10,11 +10,12 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
+from ..adapters.embeddings import embedding_files
 from ..adapters.prompt_loras import LORA_SUFFIXES
+from ..checkpoints.io import sha256_file
 from ..errors import BadArgument
 from ..loading import BUILTIN_MODEL
 
-EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -39,21 +40,13 @@ class Checkpoint:
                 "sha256": self.sha256, "filename": self.path.name, "config": None}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def checkpoint_sha256(path: Path) -> str:
     """A1111 hashes the checkpoint file; a diffusers folder is hashed over its UNet weight files."""
     if path.is_file():
-        return file_sha256(path)
+        return sha256_file(path)
     digest = hashlib.sha256()
     for weights in sorted((path / "unet").glob("*.safetensors")) or sorted((path / "unet").glob("*.bin")):
-        digest.update(bytes.fromhex(file_sha256(weights)))
+        digest.update(bytes.fromhex(sha256_file(weights)))
     return digest.hexdigest()
 
 
@@ -111,7 +104,4 @@ class Catalogue:
         return out
 
     def embedding_files(self) -> list[Path]:
-        if self.embeddings_dir is None:
-            return []
-        return sorted(p for p in self.embeddings_dir.iterdir()
-                      if p.suffix.lower() in EMBEDDING_SUFFIXES and p.is_file())
+        return [] if self.embeddings_dir is None else embedding_files(self.embeddings_dir)
