@@ -412,3 +412,18 @@ def test_loras_and_embeddings_are_served(tmp_path) -> None:
         plain = app.server.pipe.txt2img("a large red circle zqxstyle", seed=5, steps=4, guidance_scale=7.0,
                                         sampler="Euler")[0]
         assert same_pixels(image, expected) and not same_pixels(image, plain)
+
+
+def test_resize_modes() -> None:
+    """0 stretches; 1 fills the size and crops the centre; 2 fits inside and stretches the edge pixels outward."""
+    from latentdiff.serve.a1111 import resize_to
+
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8))  # 64x32
+    assert resize_to(wide, (48, 48), 0).size == (48, 48)
+    cropped = np.asarray(resize_to(wide, (48, 48), 1))
+    expected = np.asarray(wide.resize((96, 48), Image.LANCZOS))[:, 24:72]
+    assert np.array_equal(cropped, expected)
+    padded = np.asarray(resize_to(wide, (64, 64), 2))
+    inner = np.asarray(wide)  # already 64 wide: placed at rows 16..48
+    assert np.array_equal(padded[16:48], inner)
+    assert (padded[:16] == inner[0]).all() and (padded[48:] == inner[-1]).all()

@@ -36,7 +36,7 @@ from .config import ServeConfig
 
 # A1111 scheduler names -> latentdiff schedule types ("automatic": the sampler's own)
 SCHEDULERS = {"automatic": None, **{key: key for key in SIGMA_SCHEDULES}}
-UPSCALERS = {name.lower(): key for key, name in HIRES_UPSCALER_NAMES.items()} | {"lanczos": "lanczos"}
+UPSCALERS = {name.lower(): key for key, name in HIRES_UPSCALER_NAMES.items()}  # "latent (nearest)" -> "latent-nearest"
 
 
 class GenerationRequest(BaseModel):
@@ -221,20 +221,12 @@ def resize_to(image: Image.Image, size: tuple[int, int], mode: int) -> Image.Ima
     else:
         fit = (max(1, round(height * image.width / image.height)), height)
     resized = image.resize(fit, Image.LANCZOS)
-    canvas = Image.new(image.mode, size)
-    canvas.paste(resized, ((width - fit[0]) // 2, (height - fit[1]) // 2))
-    if mode == 2:  # stretch the edges into the padding
-        if fit[0] < width:
-            left = (width - fit[0]) // 2
-            canvas.paste(resized.crop((0, 0, 1, fit[1])).resize((left, height)), (0, 0))
-            right = width - fit[0] - left
-            canvas.paste(resized.crop((fit[0] - 1, 0, fit[0], fit[1])).resize((right, height)), (left + fit[0], 0))
-        elif fit[1] < height:
-            top = (height - fit[1]) // 2
-            canvas.paste(resized.crop((0, 0, fit[0], 1)).resize((width, top)), (0, 0))
-            bottom = height - fit[1] - top
-            canvas.paste(resized.crop((0, fit[1] - 1, fit[0], fit[1])).resize((width, bottom)), (0, top + fit[1]))
-    return canvas
+    left, top = (width - fit[0]) // 2, (height - fit[1]) // 2
+    if mode == 1:  # centred crop
+        return resized.crop((-left, -top, -left + width, -top + height))
+    pixels = np.asarray(resized)  # fit and pad: the edges stretched into the padding, as outpainting's "edge" fill
+    pad = ((top, height - fit[1] - top), (left, width - fit[0] - left)) + (((0, 0),) if pixels.ndim == 3 else ())
+    return Image.fromarray(np.pad(pixels, pad, mode="edge"))
 
 
 def prepare_mask(mask: Image.Image, size: tuple[int, int], req: Img2ImgRequest) -> Image.Image:
