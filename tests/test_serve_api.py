@@ -198,7 +198,7 @@ def test_a_full_queue_answers_503_with_a_detail(served) -> None:
     url, app = served
     queue = app.server.queue
     gate = threading.Event()
-    from latentdiff.serve.jobs import Job
+    from latentdiff.serve.jobs import Job, QueueFull
 
     blocker = queue.submit(Job(lambda _p: gate.wait(30)))
     while queue.current is not blocker:
@@ -208,7 +208,7 @@ def test_a_full_queue_answers_503_with_a_detail(served) -> None:
         while True:
             try:
                 fillers.append(queue.submit(Job(lambda _p: None)))
-            except Exception:
+            except QueueFull:
                 break
         r = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 1})
         assert r.status_code == 503 and r.json()["error"] == "QueueFull" and "full" in r.json()["detail"]

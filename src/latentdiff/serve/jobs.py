@@ -76,7 +76,6 @@ class JobQueue:
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self.current: Job | None = None
-        self.finished = 0
         self.history: collections.deque[int] = collections.deque(maxlen=1000)  # ids of the jobs run, in order
         self._worker = threading.Thread(target=self._work, name="latentdiff-queue", daemon=True)
         self._worker.start()
@@ -132,7 +131,6 @@ class JobQueue:
             finally:
                 with self._cond:
                     self.current = None
-                    self.finished += 1
                 job.done.set()
 
 
