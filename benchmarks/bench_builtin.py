@@ -69,7 +69,7 @@ def clip_zero_shot(model_dir: Path, n: int) -> dict | None:
         return None
     from latentdiff.checkpoints.clip_folder import load_clip_model
     from latentdiff.models.tokenizer import CLIPTokenizer
-    from latentdiff.train.clip import zero_shot_accuracy
+    from latentdiff.eval.zero_shot import zero_shot_accuracy
 
     model = load_clip_model(clip_dir, dtype=torch.float32)
     return zero_shot_accuracy(model, CLIPTokenizer.from_folder(model_dir / "tokenizer"), n=n)

@@ -17,23 +17,19 @@ from latentdiff.models.clip import CLIPTextModel
 from latentdiff.checkpoints.clip_folder import load_clip_model
 from latentdiff.models.tokenizer import CLIPTokenizer, train_clip_bpe
 from latentdiff.train.checkpoint import load_checkpoint
-from latentdiff.train.clip import (
+from latentdiff.eval.zero_shot import zero_shot_accuracy
+from latentdiff.train.clip import CLIPTrainConfig, CLIPTrainer, tokenize_batch, train_clip, train_world_tokenizer
+from latentdiff.train.config import TrainConfigError
+from latentdiff.train.losses import clip_loss
+from latentdiff.world import WorldDataset, held_out_prompts, parse_caption, scene_from_caption, zero_shot_candidates
+from latentdiff.world.negatives import (
     ATTRIBUTE_KINDS,
-    CLIPTrainConfig,
-    CLIPTrainer,
     attribute_difference,
-    clip_loss,
     describes,
     hard_negatives,
     one_attribute_variants,
-    tokenize_batch,
-    train_clip,
-    train_world_tokenizer,
     world_words,
-    zero_shot_accuracy,
 )
-from latentdiff.train.config import TrainConfigError
-from latentdiff.world import WorldDataset, held_out_prompts, parse_caption, scene_from_caption, zero_shot_candidates
 
 
 @pytest.fixture(autouse=True)
@@ -278,7 +274,7 @@ def test_refuses_a_folder_with_another_tokenizer(tmp_path):
 
 
 def test_length_sorted_text_encoding_matches(tmp_path):
-    from latentdiff.train.clip import encode_text_by_length
+    from latentdiff.eval.zero_shot import encode_text_by_length
 
     trainer = CLIPTrainer(tiny_config(tmp_path))
     texts = ["a red circle", "a large blue square in the top left and a small red circle on a black background",

@@ -1,4 +1,5 @@
-"""Evaluation: FID (Frechet distance of Inception features), CLIP score, PSNR and SSIM, autoencoder metrics."""
+"""Evaluation: FID (Frechet distance of Inception features), CLIP score, PSNR and SSIM, autoencoder metrics,
+zero-shot accuracy of a world CLIP."""
 
 from .autoencoder import autoencoder_metrics, reconstruct
 from .inception import FIDInceptionV3, inception_features, load_fid_inception
@@ -14,6 +15,7 @@ from .metrics import (
     save_statistics,
     ssim,
 )
+from .zero_shot import zero_shot_accuracy
 
 __all__ = [
     "autoencoder_metrics",
@@ -31,4 +33,5 @@ __all__ = [
     "psnr",
     "save_statistics",
     "ssim",
+    "zero_shot_accuracy",
 ]

@@ -7,6 +7,11 @@
 
 As SD uses OpenAI's CLIP text tower, the built-in model uses the text tower of this CLIP.
 
+This module holds the config, the run's tokenizer, the stream order and the trainer. The hard
+negatives come from :mod:`latentdiff.world.negatives`, the loss is
+:func:`latentdiff.train.losses.clip_loss`, the metric and the encode helpers are in
+:mod:`latentdiff.eval.zero_shot`.
+
 **Data.** A stream of world scenes: optimizer step ``s`` (micro-batch ``m``) takes stream
 positions ``p = (s * grad_accum + m) * batch_size + j``; position ``p`` is item
 ``p % world_length`` of ``WorldDataset(world_seed, world_length)`` (a training scene, never a
@@ -16,15 +21,17 @@ p, _NEGATIVE_TAG])``. Everything is a pure function of the stream position, so t
 is one integer and a resumed run continues exactly. The default ``world_length`` is
 effectively endless (every step sees fresh scenes).
 
-**Hard negatives.** For each image, captions that differ from its caption in exactly one
-*named* attribute: one object's colour, shape, size or position, the background, or a swap of
-one attribute (colour, shape, size, position) between the two objects (attribute binding).
+**Hard negatives** (:func:`~latentdiff.world.negatives.hard_negatives`). For each image,
+captions that differ from its caption in exactly one *named* attribute: one object's colour,
+shape, size or position, the background, or a swap of one attribute (colour, shape, size,
+position) between the two objects (attribute binding).
 Kinds are visited in a random order, one random variant per kind, round-robin until there are
 ``hard_negatives`` of them; a variant that still describes the image (e.g. swapping the colours
 of a red and a blue circle) is never used. Every caption has at least 7 variants (``a red
 circle``: 5 colours + 2 shapes), hence ``hard_negatives <= 7``.
 
-**Loss.** Symmetric InfoNCE (CLIP) with a learnable temperature, plus the hard negatives:
+**Loss** (:func:`~latentdiff.train.losses.clip_loss`). Symmetric InfoNCE (CLIP) with a learnable
+temperature, plus the hard negatives:
 
     logits[i, j] = exp(logit_scale) * cos(image_i, text_j)          (B, B)
     image -> text, row i: [logits[i, :], exp(logit_scale) * cos(image_i, hard_ik) for k < K]
@@ -54,8 +61,8 @@ of 77 positions. Images go through
 ``out_dir/tokenizer/``; every world word must come out as one token. Its start/end/pad ids go into
 the text config. A run folder already holding a different tokenizer is refused.
 
-**Metric.** :func:`zero_shot_accuracy`: for held-out full captions, an image is rendered from the
-caption and the caption is ranked among itself and 8 one-attribute variants
+**Metric.** :func:`~latentdiff.eval.zero_shot.zero_shot_accuracy`: for held-out full captions,
+an image is rendered from the caption and the caption is ranked among itself and 8 one-attribute variants
 (:func:`~latentdiff.world.dataset.zero_shot_candidates`) by cosine similarity. It replaces the
 sample grid: every ``sample_every`` steps ``samples/step_N.png`` (a bar chart) and ``.json`` are
 written and a row is added to ``out_dir/zero_shot.csv``.
@@ -88,33 +95,30 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..checkpoints.diffusers_folder import save_component
 from ..checkpoints.io import atomic_path
 from ..models.clip import CLIPTextConfig
 from ..checkpoints.clip_folder import load_clip_model, save_clip_model
-from ..models.clip_model import CLIPConfig, CLIPModel, CLIPVisionConfig, image_preprocess
+from ..eval.zero_shot import _bar_chart, encode_text_by_length, world_pixels, zero_shot_accuracy
+from ..models.clip_model import CLIPConfig, CLIPModel, CLIPVisionConfig
 from ..models.tokenizer import CLIPTokenizer, train_clip_bpe
-from ..world.captions import CaptionSpec, ObjectSpec, caption, parse_caption, sample_scene, scene_from_caption
-from ..world.dataset import WorldDataset, held_out_prompts, zero_shot_candidates
+from ..world.captions import caption, parse_caption, sample_scene
+from ..world.dataset import WorldDataset
+from ..world.negatives import ATTRIBUTE_KINDS, MIN_VARIANTS, describes, hard_negatives, world_words
 from ..world.render import render
-from ..world.spec import BACKGROUND_COLOURS, CELL_PHRASES, CELLS, OBJECT_COLOURS, SHAPES, SIZES, Scene
 from .build import resolve_device, seeded
 from .config import TrainConfig, TrainConfigError
 from .ema import EMA
+from .losses import clip_loss
 from .loop import TrainResult, TrainTask, run_training
 from .optim import autocast, clipped_step, set_lr
 
-ATTRIBUTE_KINDS: tuple[str, ...] = ("colour", "shape", "size", "position", "background", "swap")
-"""Kinds of hard negatives: one object's attribute, the background, or a swap between the objects."""
-MIN_VARIANTS = 7  # the fewest one-attribute variants a caption has ("a red circle": 5 colours + 2 shapes)
 MAX_LOGIT_SCALE = math.log(100.0)
 LONGEST_CAPTION_TOKENS = 23  # 21 words ("a large purple triangle in the bottom right and ... background") + 2
 _NEGATIVE_TAG = 0x4E4547  # "NEG": separates the hard-negative stream from the world's own draws
 _TOKENIZER_TAG = 0x544F4B  # "TOK"
-_FIELDS = {"colour": "colour", "shape": "shape", "size": "size", "cell": "position"}
 
 
 # ============================================================================= config
@@ -216,15 +220,7 @@ class CLIPTrainConfig(TrainConfig):
                           logit_scale_init_value=self.logit_scale_init)
 
 
-# ============================================================================= captions
-def world_words() -> list[str]:
-    """Every word the caption grammar can write."""
-    words = {"a", "and", "on", "background", *SIZES, *OBJECT_COLOURS, *SHAPES, *BACKGROUND_COLOURS}
-    for phrase in CELL_PHRASES.values():
-        words.update(phrase.split(" "))
-    return sorted(words)
-
-
+# ============================================================================= tokenizer
 def train_world_tokenizer(config: CLIPTrainConfig) -> CLIPTokenizer:
     """The run's BPE: trained on ``tokenizer_captions`` full captions; every world word is one token."""
     rng = np.random.default_rng([config.world_seed, _TOKENIZER_TAG])
@@ -240,248 +236,11 @@ def train_world_tokenizer(config: CLIPTrainConfig) -> CLIPTokenizer:
     return tokenizer
 
 
-def describes(spec: CaptionSpec, scene: Scene) -> bool:
-    """True when the caption is true of the scene, objects matched in any order (as the judge matches them)."""
-    if len(spec.objects) != len(scene.objects) or spec.background not in (None, scene.background):
-        return False
-    return any(
-        all(s.describes(o) for s, o in zip(spec.objects, objects))
-        for objects in itertools.permutations(scene.objects)
-    )
-
-
-def _valid(objects: Sequence[ObjectSpec], background: str | None) -> CaptionSpec | None:
-    try:
-        return CaptionSpec(tuple(objects), background)
-    except ValueError:  # two objects with one (colour, shape) pair or one named cell
-        return None
-
-
-def one_attribute_variants(spec: CaptionSpec) -> dict[str, list[CaptionSpec]]:
-    """Valid captions that differ from ``spec`` in one named attribute, by kind (:data:`ATTRIBUTE_KINDS`).
-
-    colour/shape/size/position: one object's attribute changed (only attributes the caption
-    names); background: changed when named; swap: one attribute (colour, shape, or size /
-    position when both objects name it) exchanged between two objects that differ in it.
-    A variant may still describe some scene of the original (filter with :func:`describes`).
-    """
-    objects = spec.objects
-    out: dict[str, list[CaptionSpec]] = {kind: [] for kind in ATTRIBUTE_KINDS}
-    choices = {"colour": list(OBJECT_COLOURS), "shape": list(SHAPES), "size": list(SIZES), "cell": list(CELLS)}
-    for i, o in enumerate(objects):
-        for field, values in choices.items():
-            current = getattr(o, field)
-            if current is None:
-                continue
-            for value in values:
-                if value != current:
-                    new = list(objects)
-                    new[i] = dataclasses.replace(o, **{field: value})
-                    variant = _valid(new, spec.background)
-                    if variant is not None:
-                        out[_FIELDS[field]].append(variant)
-    if spec.background is not None:
-        out["background"] = [CaptionSpec(objects, b) for b in BACKGROUND_COLOURS if b != spec.background]
-    if len(objects) == 2:
-        a, b = objects
-        for field in choices:
-            va, vb = getattr(a, field), getattr(b, field)
-            if va is None or vb is None or va == vb:
-                continue
-            variant = _valid([dataclasses.replace(a, **{field: vb}), dataclasses.replace(b, **{field: va})],
-                             spec.background)
-            if variant is not None:
-                out["swap"].append(variant)
-    return out
-
-
-def attribute_difference(a: CaptionSpec, b: CaptionSpec) -> str | None:
-    """The one attribute kind in which ``b`` differs from ``a``, or None (none, several, or counts differ)."""
-    if len(a.objects) != len(b.objects):
-        return None
-    diffs: list[tuple[str, int]] = []
-    if a.background != b.background:
-        diffs.append(("background", -1))
-    for i, (x, y) in enumerate(zip(a.objects, b.objects)):
-        diffs += [(f, i) for f in _FIELDS if getattr(x, f) != getattr(y, f)]
-    if len(diffs) == 1:
-        field = diffs[0][0]
-        return "background" if field == "background" else _FIELDS[field]
-    if len(diffs) == 2 and diffs[0][0] == diffs[1][0] != "background":
-        f = diffs[0][0]
-        (x0, x1), (y0, y1) = a.objects, b.objects
-        if getattr(x0, f) == getattr(y1, f) and getattr(x1, f) == getattr(y0, f) and None not in (
-            getattr(x0, f), getattr(x1, f)
-        ):
-            return "swap"
-    return None
-
-
-def hard_negatives(spec: CaptionSpec, scene: Scene, k: int, rng: np.random.Generator) -> list[str]:
-    """``k`` distinct captions differing from ``spec`` in one named attribute, none true of ``scene``.
-
-    Kinds are shuffled, then one random variant is taken per kind in turn (round-robin), so
-    the ``k`` negatives spread over the kinds.
-    """
-    pools = {kind: [v.text for v in variants if not describes(v, scene)]
-             for kind, variants in one_attribute_variants(spec).items()}
-    kinds = [ATTRIBUTE_KINDS[i] for i in rng.permutation(len(ATTRIBUTE_KINDS))]
-    chosen: list[str] = []
-    while len(chosen) < k:
-        progress = False
-        for kind in kinds:
-            pool = [t for t in pools[kind] if t not in chosen]
-            if pool and len(chosen) < k:
-                chosen.append(pool[int(rng.integers(len(pool)))])
-                progress = True
-        if not progress:
-            raise ValueError(f"caption {spec.text!r} has only {len(chosen)} hard negatives, {k} asked")
-    return chosen
-
-
-# ============================================================================= loss
-def clip_loss(
-    image_emb: Tensor,
-    text_emb: Tensor,
-    logit_scale: Tensor,
-    hard_emb: Tensor | None = None,
-    mask: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Symmetric InfoNCE with per-image hard-negative texts.
-
-    image_emb (B, P), text_emb (B, P): pair i matches; embeddings need not be normalised.
-    logit_scale: () log of the inverse temperature. hard_emb (B, K, P): image i's hard
-    negatives, extra candidates in row i only (image -> text). mask (B, B) bool: True where
-    text j must not count as a negative of image i (it also describes image i); the diagonal
-    is ignored. Returns (loss, parts) with parts ``i2t``, ``t2i`` (the two cross-entropies),
-    ``acc`` (images whose caption wins its row, hard negatives included) and ``hard_acc``
-    (images whose caption beats all its hard negatives).
-    """
-    b = image_emb.shape[0]
-    image = F.normalize(image_emb.float(), dim=-1)
-    text = F.normalize(text_emb.float(), dim=-1)
-    scale = logit_scale.float().exp()
-    logits = scale * image @ text.t()  # (B, B)
-    targets = torch.arange(b, device=logits.device)
-    if mask is not None:
-        off_diagonal = mask.to(torch.bool) & ~torch.eye(b, dtype=torch.bool, device=logits.device)
-        logits = logits.masked_fill(off_diagonal, float("-inf"))
-    rows = logits
-    hard_acc = torch.ones((), device=logits.device)
-    if hard_emb is not None and hard_emb.shape[1] > 0:
-        hard = F.normalize(hard_emb.float(), dim=-1)
-        hard_logits = scale * torch.einsum("bp,bkp->bk", image, hard)  # (B, K)
-        rows = torch.cat([logits, hard_logits], dim=1)  # (B, B + K)
-        hard_acc = (logits.diagonal()[:, None] > hard_logits).all(dim=1).float().mean()
-    i2t = F.cross_entropy(rows, targets)
-    t2i = F.cross_entropy(logits.t(), targets)
-    acc = (rows.argmax(dim=1) == targets).float().mean()
-    return (i2t + t2i) / 2, {"i2t": i2t, "t2i": t2i, "acc": acc, "hard_acc": hard_acc}
-
-
-# ============================================================================= helpers
-def world_pixels(images: np.ndarray | Tensor | Sequence[np.ndarray], size: int) -> Tensor:
-    """uint8 world images -> CLIP's normalised pixels (B, 3, size, size), as ``clip_scores`` prepares them."""
-    return image_preprocess(images, size=size)
-
-
 def tokenize_batch(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> Tensor:
     """Ids (N, L) cut after the longest text's end token (the causal text tower ignores what follows)."""
     ids = tokenizer(list(texts))  # (N, model_max_length)
     ends = (ids == tokenizer.eos_token_id).int().argmax(dim=1)
     return ids[:, : int(ends.max()) + 1]
-
-
-def encode_text_by_length(model: CLIPModel, ids: Tensor, chunk: int = 128) -> Tensor:
-    """``model.encode_text(ids)`` (N, P), run on chunks of texts of similar length, each cut after its
-    longest text's end token: the same values (up to rounding) with about a quarter less work than
-    padding every text to the longest of the batch (world captions are 5 to 23 tokens)."""
-    eos = model.config.text_config.eos_token_id
-    lengths = (ids == eos).int().argmax(dim=1) + 1  # (N,)
-    order = torch.argsort(lengths, stable=True)
-    parts = []
-    for i in range(0, len(order), chunk):
-        rows = order[i : i + chunk]
-        parts.append(model.encode_text(ids[rows, : int(lengths[rows].max())]))
-    return torch.cat(parts)[torch.argsort(order)]
-
-
-@torch.no_grad()
-def encode_texts(model: CLIPModel, tokenizer: CLIPTokenizer, texts: Sequence[str], batch_size: int = 512) -> Tensor:
-    """Normalised text embeddings (N, P), float32 on the model's device."""
-    device = model.logit_scale.device
-    out = [encode_text_by_length(model, tokenizer(list(texts[i : i + batch_size])).to(device)).float()
-           for i in range(0, len(texts), batch_size)]
-    return F.normalize(torch.cat(out), dim=-1)
-
-
-@torch.no_grad()
-def encode_images(model: CLIPModel, images: Sequence[np.ndarray], batch_size: int = 256) -> Tensor:
-    """Normalised image embeddings (N, P) of uint8 (H, W, 3) world images."""
-    device = model.logit_scale.device
-    size = model.config.vision_config.image_size
-    out = [model.encode_image(world_pixels(np.stack(images[i : i + batch_size]), size).to(device)).float()
-           for i in range(0, len(images), batch_size)]
-    return F.normalize(torch.cat(out), dim=-1)
-
-
-@torch.no_grad()
-def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, n: int = 400, seed: int = 0) -> dict[str, Any]:
-    """Top-1 accuracy of the true caption among itself and 8 one-attribute variants.
-
-    The first ``n`` held-out prompts (alternately one and two objects); prompt ``i``'s image is
-    ``render(scene_from_caption(prompt, default_rng([seed, i])))``. Returns ``accuracy``,
-    ``accuracy_1obj``, ``accuracy_2obj``, ``n``, and ``pairwise``: per variant kind, the fraction
-    of (image, variant) pairs where the true caption scores higher (what the model confuses).
-    """
-    prompts = held_out_prompts(n)
-    images = [render(scene_from_caption(p, np.random.default_rng([seed, i]))) for i, p in enumerate(prompts)]
-    candidates = [zero_shot_candidates(p) for p in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        image_emb = encode_images(model, images)  # (n, P)
-        text_emb = encode_texts(model, tokenizer, [t for c in candidates for t in c])  # (9n, P)
-    finally:
-        model.train(was_training)
-    sims = torch.einsum("np,ncp->nc", image_emb, text_emb.view(len(prompts), -1, text_emb.shape[-1])).cpu()
-    correct = (sims.argmax(dim=1) == 0).numpy()
-    counts = np.array([len(parse_caption(p).objects) for p in prompts])
-    wins: dict[str, list[bool]] = {}
-    for row, cands in enumerate(candidates):
-        spec = parse_caption(cands[0])
-        for col, text in enumerate(cands[1:], start=1):
-            kind = attribute_difference(spec, parse_caption(text)) or "other"
-            wins.setdefault(kind, []).append(bool(sims[row, 0] > sims[row, col]))
-
-    def mean(values: np.ndarray) -> float:
-        return float(values.mean()) if values.size else float("nan")
-
-    return {
-        "accuracy": mean(correct),
-        "accuracy_1obj": mean(correct[counts == 1]),
-        "accuracy_2obj": mean(correct[counts == 2]),
-        "n": int(n),
-        "pairwise": {kind: float(np.mean(v)) for kind, v in sorted(wins.items())},
-    }
-
-
-def _bar_chart(values: dict[str, float], title: str, path: Path) -> None:
-    """A small PNG bar chart (values in [0, 1])."""
-    from PIL import Image, ImageDraw
-
-    width, row, left = 360, 18, 120
-    image = Image.new("RGB", (width, 24 + row * len(values) + 6), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((6, 4), title, fill="black")
-    for i, (name, value) in enumerate(values.items()):
-        top = 24 + i * row
-        v = 0.0 if not math.isfinite(value) else min(max(value, 0.0), 1.0)
-        draw.text((6, top + 2), name, fill="black")
-        draw.rectangle([left, top + 2, left + int(v * (width - left - 50)), top + row - 4], fill=(60, 110, 200))
-        draw.text((width - 44, top + 2), f"{value:.3f}", fill="black")
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 # ============================================================================= data order

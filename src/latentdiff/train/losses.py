@@ -12,6 +12,8 @@ These follow taming-transformers / LDM (``LPIPSWithDiscriminator``,
 - ``adaptive_weight``: ||grad_L(rec)|| / (||grad_L(gan)|| + 1e-4) at the decoder's last
   layer L, clamped to [0, 1e4], which balances the two terms without tuning;
 - ``disc_factor``: 0 before the delayed start step, 1 from it on.
+
+Also ``clip_loss``, the CLIP trainer's loss: symmetric InfoNCE with per-image hard-negative texts.
 """
 
 from __future__ import annotations
@@ -116,3 +118,43 @@ class NLayerDiscriminator(nn.Module):
                 f"(needs >= {2 ** (self.n_layers + 2)}); lower disc_layers"
             )
         return self.main(x)
+
+
+def clip_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor,
+    hard_emb: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Symmetric InfoNCE with per-image hard-negative texts.
+
+    image_emb (B, P), text_emb (B, P): pair i matches; embeddings need not be normalised.
+    logit_scale: () log of the inverse temperature. hard_emb (B, K, P): image i's hard
+    negatives, extra candidates in row i only (image -> text). mask (B, B) bool: True where
+    text j must not count as a negative of image i (it also describes image i); the diagonal
+    is ignored. Returns (loss, parts) with parts ``i2t``, ``t2i`` (the two cross-entropies),
+    ``acc`` (images whose caption wins its row, hard negatives included) and ``hard_acc``
+    (images whose caption beats all its hard negatives).
+    """
+    b = image_emb.shape[0]
+    image = F.normalize(image_emb.float(), dim=-1)
+    text = F.normalize(text_emb.float(), dim=-1)
+    scale = logit_scale.float().exp()
+    logits = scale * image @ text.t()  # (B, B)
+    targets = torch.arange(b, device=logits.device)
+    if mask is not None:
+        off_diagonal = mask.to(torch.bool) & ~torch.eye(b, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(off_diagonal, float("-inf"))
+    rows = logits
+    hard_acc = torch.ones((), device=logits.device)
+    if hard_emb is not None and hard_emb.shape[1] > 0:
+        hard = F.normalize(hard_emb.float(), dim=-1)
+        hard_logits = scale * torch.einsum("bp,bkp->bk", image, hard)  # (B, K)
+        rows = torch.cat([logits, hard_logits], dim=1)  # (B, B + K)
+        hard_acc = (logits.diagonal()[:, None] > hard_logits).all(dim=1).float().mean()
+    i2t = F.cross_entropy(rows, targets)
+    t2i = F.cross_entropy(logits.t(), targets)
+    acc = (rows.argmax(dim=1) == targets).float().mean()
+    return (i2t + t2i) / 2, {"i2t": i2t, "t2i": t2i, "acc": acc, "hard_acc": hard_acc}
+

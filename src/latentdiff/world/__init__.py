@@ -9,6 +9,7 @@ The world is specified in ``shapes-world.md`` (kept in sync with
     image = world.render(scene)                      # (64, 64, 3) uint8
     text = world.caption(scene)                      # "a large red circle ... on a white background"
     world.judge(image, text).correct                 # True
+    world.hard_negatives(world.parse_caption(text), scene, 4, rng)  # 4 captions, one attribute off
     data = world.WorldDataset(seed=0, length=100_000, as_tensor=True)
     prompts = world.held_out_prompts()               # 400 captions training never shows
 """
@@ -45,6 +46,15 @@ from .judge import (
     read_image,
     read_objects,
 )
+from .negatives import (
+    ATTRIBUTE_KINDS,
+    MIN_VARIANTS,
+    attribute_difference,
+    describes,
+    hard_negatives,
+    one_attribute_variants,
+    world_words,
+)
 from .render import render, shape_mask
 from .spec import (
     BACKGROUND_COLOURS,
@@ -61,6 +71,7 @@ from .spec import (
 
 __all__ = [
     "ATTRIBUTES",
+    "ATTRIBUTE_KINDS",
     "BACKGROUND_COLOURS",
     "CANVAS",
     "CELLS",
@@ -68,6 +79,7 @@ __all__ = [
     "CaptionSpec",
     "DetectedObject",
     "Judgement",
+    "MIN_VARIANTS",
     "OBJECT_COLOURS",
     "ObjectSpec",
     "PALETTE",
@@ -79,13 +91,17 @@ __all__ = [
     "WorldObject",
     "WorldSample",
     "accuracy_report",
+    "attribute_difference",
     "caption",
     "caption_spec",
     "collate",
+    "describes",
+    "hard_negatives",
     "held_out_prompts",
     "image_to_tensor",
     "is_held_out",
     "judge",
+    "one_attribute_variants",
     "parse_caption",
     "read_image",
     "read_objects",
@@ -97,5 +113,6 @@ __all__ = [
     "scene_from_caption",
     "shape_mask",
     "tensor_to_image",
+    "world_words",
     "zero_shot_candidates",
 ]
