@@ -12,7 +12,7 @@ from latentdiff.train.losses import (
     NLayerDiscriminator, adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss, kl_loss, l1_error,
 )
 from latentdiff.train.optim import scheduled_lr, warmup_lr
-from latentdiff.train.unet import drop_captions, noisy_latents_and_target
+from latentdiff.train.unet import diffusion_draws, drop_captions, noisy_latents_and_target
 
 
 def test_hinge_loss_values() -> None:
@@ -144,14 +144,18 @@ def test_l1_error_tolerance() -> None:
 
 
 def test_caption_dropout_rate() -> None:
-    g = torch.Generator().manual_seed(0)
+    """Per-sample draws: the dropout uniforms drop 10% of 20,000 captions; 0 and 1 are exact."""
+    draws = diffusion_draws(list(range(20_000)), seed=0, latent_shape=(1, 1, 1), num_train_timesteps=1000,
+                            noise_offset=0.0)
     captions = [f"caption {i}" for i in range(20_000)]
-    dropped = drop_captions(captions, 0.1, g)
+    dropped = drop_captions(captions, draws.dropout, 0.1)
     rate = sum(c == "" for c in dropped) / len(captions)
     assert abs(rate - 0.1) < 0.01  # 5 standard deviations
     assert all(d in ("", c) for c, d in zip(captions, dropped))
-    assert drop_captions(["a", "b"], 0.0, g) == ["a", "b"]
-    assert drop_captions(["a", "b"], 1.0, g) == ["", ""]
+    assert drop_captions(captions, draws.dropout, 0.0) == captions
+    assert drop_captions(captions, draws.dropout, 1.0) == [""] * len(captions)
+    assert abs(draws.timesteps.float().mean().item() - 499.5) < 5 * 288.7 / 20_000 ** 0.5  # U{0..999}
+    assert abs(draws.noise.std().item() - 1.0) < 0.02
 
 
 def test_targets_epsilon_and_v() -> None:

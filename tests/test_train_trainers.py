@@ -180,7 +180,7 @@ def test_unet_smoke_run_and_export(tmp_path) -> None:
     assert [float(r["lr"]) for r in rows[:4]] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
     grid = Image.open(tmp_path / "samples" / "step_000006.png")
     assert grid.size == (2 * 18 + 2, 18 + 2) and "a red square" in grid.text["prompts"]
-    assert (tmp_path / "cache" / "latents.safetensors").is_file()
+    assert len(list((tmp_path / "cache").glob("latents-*.npy"))) == 1
     pipe = latentdiff.load(tmp_path / "model")
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     shadow = state["emas"]["unet"]["shadow"]
@@ -220,7 +220,7 @@ def test_unet_from_component_files_and_fine_tuning(tmp_path) -> None:
         tokenizer=str(tmp_path / "parts" / "tokenizer"),
     )
     train_unet(scratch, source=source, progress=False)
-    cache = tmp_path / "scratch" / "cache" / "latents.safetensors"
+    (cache,) = (tmp_path / "scratch" / "cache").glob("latents-*.npy")
     stamp = cache.stat().st_mtime_ns, cache.stat().st_ino
     # Fine-tuning the exported pipeline uses the same loop.
     tuned = unet_config(tmp_path / "tuned", max_steps=2, grad_accum=1, sample_every=0,
@@ -322,21 +322,24 @@ def test_unet_loss_with_min_snr_and_noise_offset(tmp_path, prediction_type) -> N
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    from latentdiff.train.unet import UNetTrainer, drop_captions, noisy_latents_and_target
+    from latentdiff.train.draws import sample_generator
+    from latentdiff.train.unet import UNetTrainer, noisy_latents_and_target
 
     cfg = unet_config(tmp_path, min_snr_gamma=2.0, noise_offset=0.1, prediction_type=prediction_type,
-                      caption_dropout=0.5, bf16=False)
+                      caption_dropout=0.5, bf16=False, seed=7)
     trainer = UNetTrainer(cfg, source=synthetic_source(), pipeline=tiny_pipeline())
-    g = torch.Generator()
-    g.set_state(trainer.noise.get_state())
-    indices = [0, 1, 2]
-    loss = trainer._micro_step(indices, accum=1)
+    indices, ids = [0, 1, 2], [40, 41, 42]
+    loss = trainer._micro_step(indices, ids, accum=1)
 
     x0 = trainer.latents[indices]
-    captions = drop_captions([trainer.captions[i] for i in indices], 0.5, g)
-    t = torch.randint(0, 1000, (3,), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    eps = eps + 0.1 * torch.randn((3, x0.shape[1], 1, 1), generator=g)
+    captions, t, eps = [], [], []
+    for i, n in zip(indices, ids):  # each sample's own generator, seeded from (seed, stream 1, n)
+        g = sample_generator(7, 1, n)
+        captions.append("" if torch.rand((), generator=g) < 0.5 else trainer.captions[i])
+        t.append(torch.randint(0, 1000, (), generator=g))
+        e = torch.randn(x0.shape[1:], generator=g)
+        eps.append(e + 0.1 * torch.randn((x0.shape[1], 1, 1), generator=g))
+    t, eps = torch.stack(t), torch.stack(eps)
     abar = trainer.schedule.alphas_cumprod[t]
     x_t, target = noisy_latents_and_target(x0, eps, abar, prediction_type)
     with torch.no_grad():

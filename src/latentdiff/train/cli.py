@@ -3,8 +3,10 @@
     latentdiff train vae  --config vae.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train unet --config unet.toml [--resume] [--out DIR] [--steps N]
     latentdiff train clip --config clip.toml [--resume] [--out DIR] [--steps N]
+    latentdiff train lora --config lora.toml [--resume] [--out DIR] [--steps N]
     latentdiff train lcm  --config lcm.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train taesd --config taesd.toml [--resume] [--out DIR] [--steps N]
+    torchrun --standalone --nproc_per_node 2 -m latentdiff.cli train unet --config unet.toml   (data parallel)
     latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|assemble] [--target DIR]
 """
 
@@ -21,7 +23,9 @@ from .checkpoint import TrainCheckpointError
 from .clip import CLIPTrainConfig
 from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
 from .data import TrainDataError
+from .distributed import dist_info
 from .lcm import LCMTrainConfig
+from .lora import LoRATrainConfig
 from .taesd import TAESDTrainConfig
 
 
@@ -43,6 +47,12 @@ def _run_unet(config: TrainConfig, resume: bool) -> Any:
     return train_unet(config, resume=resume)  # type: ignore[arg-type]
 
 
+def _run_lora(config: TrainConfig, resume: bool) -> Any:
+    from .lora import train_lora
+
+    return train_lora(config, resume=resume)  # type: ignore[arg-type]
+
+
 def _run_lcm(config: TrainConfig, resume: bool) -> Any:
     from .lcm import train_lcm
 
@@ -60,6 +70,7 @@ TRAINERS: dict[str, tuple[type[TrainConfig], Callable[[TrainConfig, bool], Any],
     "vae": (VAETrainConfig, _run_vae, "train or fine-tune the autoencoder (L1 + KL + PatchGAN [+ LPIPS])"),
     "clip": (CLIPTrainConfig, _run_clip, "train a small CLIP (text + image towers) contrastively on the built-in world"),
     "unet": (UNetTrainConfig, _run_unet, "train or fine-tune the UNet on VAE latents with a frozen text encoder"),
+    "lora": (LoRATrainConfig, _run_lora, "train a LoRA (UNet attention, optionally LoCon and the text encoder) in kohya's format"),
     "lcm": (LCMTrainConfig, _run_lcm, "distill a pipeline's UNet into an LCM-LoRA (4-step sampling with sampler lcm)"),
     "taesd": (TAESDTrainConfig, _run_taesd, "distill a model's VAE into a tiny autoencoder (TAESD) for fast decodes and previews"),
 }
@@ -113,6 +124,8 @@ def run_train_command(args: argparse.Namespace) -> int:
     except (TrainConfigError, TrainDataError, TrainCheckpointError, CheckpointError, UserError, FileExistsError) as err:
         print(f"latentdiff train {args.train_what}: {err}", file=sys.stderr)
         return 2
+    if not dist_info().is_main:
+        return 0  # rank 0 reports for the job
     print(f"trained {args.train_what} for {result.step} steps in {result.out_dir}")
     if result.exported is not None:
         print(f"model: {result.exported}")

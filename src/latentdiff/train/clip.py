@@ -110,6 +110,7 @@ from ..world.negatives import ATTRIBUTE_KINDS, MIN_VARIANTS, describes, hard_neg
 from ..world.render import render
 from .build import resolve_device, seeded
 from .config import TrainConfig, TrainConfigError
+from .distributed import refuse_distributed
 from .ema import EMA
 from .losses import clip_loss
 from .loop import TrainResult, TrainTask, run_training
@@ -276,6 +277,7 @@ class CLIPTrainer(TrainTask):
 
     def __init__(self, config: CLIPTrainConfig) -> None:
         config.validate()
+        refuse_distributed("clip")
         self.config = cfg = config
         self.device = resolve_device(cfg.device)
         if cfg.pretrained:

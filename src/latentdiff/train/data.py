@@ -159,7 +159,7 @@ class ImageFolderSource:
         try:
             with Image.open(self.files[index]) as image:
                 image = image.convert("RGB")
-        except OSError as err:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # what PIL raises on bad files
             raise TrainDataError(f"cannot read image {self.files[index]}: {err}") from None
         if self.resolution is not None:
             image = resize_center_crop(image, self.resolution)
@@ -215,9 +215,14 @@ def split_item(item: Any) -> tuple[Any, str]:
 
 
 def open_source(data: str, resolution: int, world_seed: int = 0, world_length: int = 2048) -> ImageCaptionSource:
-    """``"world"`` -> :class:`WorldSource`; anything else is a folder path."""
+    """``"world"`` -> :class:`WorldSource`; tar shards (``shards/{000..009}.tar``, a ``.tar``, or a
+    folder of them) -> :class:`~latentdiff.train.shards.TarShardSource`; else an image folder."""
+    from .shards import TarShardSource, is_shard_spec
+
     if data == "world":
         return WorldSource(world_seed, world_length, resolution)
+    if is_shard_spec(data):
+        return TarShardSource(data, resolution)
     return ImageFolderSource(data, resolution)
 
 
@@ -228,10 +233,15 @@ def load_batch(source: ImageCaptionSource, indices: Sequence[int]) -> tuple[Tens
         image, caption = source[int(i)]
         images.append(image)
         captions.append(caption)
+    return stack_images(images), captions
+
+
+def stack_images(images: Sequence[Tensor]) -> Tensor:
+    """(3, H, W) images of one size -> (B, 3, H, W); differing sizes are a TrainDataError."""
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise TrainDataError(f"images of one batch differ in size {sorted(shapes)}: set a resolution")
-    return torch.stack(images), captions
+    return torch.stack(list(images))
 
 
 # ---------------------------------------------------------------------------- order

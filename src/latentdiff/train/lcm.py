@@ -32,10 +32,10 @@ What one micro-batch does (the "skipping-step" consistency distillation of the L
             or MSE(student, target)                                  (loss_type "l2")
 
 AdamW on the LoRA weights only, with the shared warm-up / decay of the learning rate; after each
-optimizer step target <- d target + (1 - d) student. All randomness (data order aside, see
-EpochOrder) comes from one CPU generator ``noise`` saved in checkpoints, drawn in a fixed order
-per micro-batch: DDIM index, guidance weight, noise. Latents and text embeddings are cached as
-:mod:`latentdiff.train.unet` caches them.
+optimizer step target <- d target + (1 - d) student. Every random draw of a sample comes from
+its global index (:mod:`latentdiff.train.draws`: DDIM index, guidance weight, noise), so the
+distillation learns the same LoRA in one process or over torchrun ranks. Latents and text
+embeddings are cached as :mod:`latentdiff.train.unet` caches them.
 
 Export: ``out_dir/lcm_lora.safetensors``, a kohya-format LoRA (``lora_unet_<layer>.lora_down.weight``,
 ``.lora_up.weight``, ``.alpha``) of the student, which ``Pipeline.load_lora`` and diffusers'
@@ -58,15 +58,15 @@ from ..checkpoints.io import write_safetensors
 from ..models.unet import UNet2DCondition
 from ..pipeline import Pipeline
 from ..schedule import NoiseSchedule, lcm_boundary_scalings
-from .build import resolve_device
 from .config import TrainConfig, TrainConfigError
-from .data import EpochOrder, ImageCaptionSource, open_source
+from .data import ImageCaptionSource
+from .draws import LCM, stacked
 from .ema import ema_decay_at
 from .grid import save_grid
 from .lora_layers import DEFAULT_TARGETS, LoRANetwork, merge_into, merged_copy
 from .loop import TrainResult, run_training
-from .optim import autocast, clipped_step, make_adamw, set_lr
-from .unet import UNetTrainer
+from .optim import autocast, make_adamw
+from .unet import DiffusionTrainer
 
 EXPORT_NAME = "lcm_lora.safetensors"
 
@@ -180,48 +180,39 @@ def build_teacher(config: LCMTrainConfig) -> Pipeline:
 
 
 # ---------------------------------------------------------------------------- the trainer
-class LCMTrainer(UNetTrainer):
-    """LCM-LoRA distillation as a :class:`~latentdiff.train.loop.TrainTask` (latent and text caches
-    are the UNet trainer's)."""
+class LCMTrainer(DiffusionTrainer):
+    """LCM-LoRA distillation as a :class:`~latentdiff.train.loop.TrainTask` (pipeline, caches, data
+    order and the step are the diffusion trainers')."""
 
     kind = "lcm"
-    loss_names = ("loss", "grad_norm")
 
     def __init__(self, config: LCMTrainConfig, source: ImageCaptionSource | None = None,
                  pipeline: Pipeline | None = None) -> None:
-        # UNetTrainer.__init__ is not called: only its latent and text caches are reused
-        config.validate()
-        self.config = cfg = config  # type: ignore[assignment]
-        self.device = resolve_device(cfg.device)
-        pipe = pipeline if pipeline is not None else build_teacher(cfg)
-        pipe.to(self.device, torch.float32)
-        self.pipe = pipe
-        self.unet: UNet2DCondition = pipe.unet.train().requires_grad_(False)  # frozen base = the teacher
-        self.unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
-        self.vae = pipe.vae.eval().requires_grad_(False)
-        self.text_encoder = pipe.text_encoder.eval().requires_grad_(False)
-        self.tokenizer = pipe.tokenizer
-        self.schedule = NoiseSchedule(pipe.schedule)
-        self.prediction_type = self.schedule.config.prediction_type
+        super().__init__(config, source=source, pipeline=pipeline)  # type: ignore[arg-type]
+        self._merged: UNet2DCondition | None = None
+
+    def build_pipeline(self) -> Pipeline:
+        return build_teacher(self.config)  # type: ignore[arg-type]
+
+    def prepare_pipeline(self, pipe: Pipeline) -> Pipeline:
+        """The teacher as it is; its prediction type and timesteps must suit the distillation."""
+        cfg = self.config
+        schedule = NoiseSchedule(pipe.schedule)
+        self.prediction_type = schedule.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise TrainConfigError(f"the teacher predicts {self.prediction_type!r}; LCM distillation needs "
                                    "'epsilon' or 'v_prediction'")
-        T = self.schedule.num_train_timesteps
-        if cfg.num_ddim_timesteps > T:
-            raise TrainConfigError(f"num_ddim_timesteps ({cfg.num_ddim_timesteps}) cannot exceed the teacher's "
+        T = schedule.num_train_timesteps
+        if cfg.num_ddim_timesteps > T:  # type: ignore[attr-defined]
+            raise TrainConfigError(f"num_ddim_timesteps ({cfg.num_ddim_timesteps}) cannot exceed the teacher's "  # type: ignore[attr-defined]
                                    f"num_train_timesteps ({T})")
-        self.ddim_timesteps = ddim_timesteps(T, cfg.num_ddim_timesteps)
-        self.skip = T // cfg.num_ddim_timesteps
-        self.source = source if source is not None else open_source(
-            cfg.data, cfg.resolution, cfg.world_seed, cfg.world_length
-        )
-        self.latents, self.captions = self._load_or_encode_latents()
-        self.prompts = list(cfg.sample_prompts) or self.captions[: cfg.num_sample_images]
-        self.text_table: Tensor | None = None
-        self.text_index: dict[str, int] = {}
-        if cfg.cache_text:
-            self._fill_text_cache(sorted(set(self.captions) | {""}))
+        self.ddim_timesteps = ddim_timesteps(T, cfg.num_ddim_timesteps)  # type: ignore[attr-defined]
+        self.skip = T // cfg.num_ddim_timesteps  # type: ignore[attr-defined]
+        return pipe
 
+    def setup_training(self) -> None:
+        """The student LoRA (trained) and the target LoRA (its EMA), both hooked into the frozen UNet."""
+        cfg: LCMTrainConfig = self.config  # type: ignore[assignment]
         try:
             self.lora = LoRANetwork(self.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed + 4)
         except ValueError as err:
@@ -232,16 +223,10 @@ class LCMTrainer(UNetTrainer):
         self.lora.attach(self.unet)
         self.target.attach(self.unet)
         self.target.enabled = False
-
         self.modules = {"lora": self.lora, "target": self.target}
         self.optimizers = {
             "lora": make_adamw(self.lora.parameters(), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay)
         }
-        self.emas = {}
-        self.noise = torch.Generator().manual_seed(cfg.seed + 2)
-        self.generators = {"noise": self.noise}
-        self.order = EpochOrder(len(self.captions), cfg.seed)
-        self._merged: UNet2DCondition | None = None
 
     # ------------------------------------------------------------------ which network runs
     @contextlib.contextmanager
@@ -283,16 +268,20 @@ class LCMTrainer(UNetTrainer):
             target = consistency_output(x_s, x0_t, s, cfg.timestep_scaling)
         return student, target
 
-    def _micro_step(self, indices: list[int], accum: int) -> float:
-        cfg, g = self.config, self.noise
-        x0 = self.latents[indices].to(self.device).contiguous()  # (B, c, h, w)
+    def _micro_step(self, indices: list[int], ids: list[int], accum: int) -> float:
+        cfg: LCMTrainConfig = self.config  # type: ignore[assignment]
+        x0 = self.latents[indices].to(self.device)  # (B, c, h, w)
         batch = x0.shape[0]
-        index = torch.randint(0, cfg.num_ddim_timesteps, (batch,), generator=g)
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(batch, generator=g)
-        noise = torch.randn(x0.shape, generator=g).to(self.device)
+
+        def draw(g: torch.Generator) -> tuple[Tensor, ...]:
+            index = torch.randint(0, cfg.num_ddim_timesteps, (), generator=g)
+            w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand((), generator=g)
+            return index, w, torch.randn(x0.shape[1:], generator=g)
+
+        index, w, noise = stacked(ids, cfg.seed, LCM, draw)
         emb = self.embed([self.captions[i] for i in indices])
         uncond = self.embed([""] * batch)
-        student, target = self.distillation_terms(x0, emb, uncond, index, w, noise)
+        student, target = self.distillation_terms(x0, emb, uncond, index, w, noise.to(self.device))
         loss = consistency_loss(student, target, cfg.loss_type, cfg.huber_c)
         (loss / accum).backward()
         return loss.item()
@@ -306,13 +295,9 @@ class LCMTrainer(UNetTrainer):
             q.lerp_(p.detach(), 1.0 - d)
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.config
-        lr = cfg.lr_at(step)
-        set_lr(self.optimizers["lora"], lr)
-        loss = sum(self._micro_step(self.order.next(cfg.batch_size), cfg.grad_accum) for _ in range(cfg.grad_accum))
-        grad_norm = float(clipped_step(self.optimizers["lora"], cfg.grad_clip))
+        values = super().train_step(step)
         self.update_target(step)
-        return {"loss": loss / cfg.grad_accum, "grad_norm": grad_norm, "lr": lr}
+        return values
 
     # ------------------------------------------------------------------ previews and export
     def merged_unet(self) -> UNet2DCondition:

@@ -37,6 +37,7 @@ from ..checkpoints.io import atomic_path
 from .checkpoint import FORMAT, TrainCheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
 from .data import EpochOrder, load_batch
+from .distributed import DistInfo, all_reduce_mean, barrier
 from .ema import EMA
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -71,6 +72,7 @@ class TrainTask:
     emas: dict[str, EMA]
     generators: dict[str, torch.Generator]
     order: EpochOrder
+    ranks: DistInfo = DistInfo()  # this process's rank under torchrun (rank 0 of 1 otherwise)
 
     def train_step(self, step: int) -> dict[str, float]:
         """Take optimizer step number ``step`` (0-based); return loss terms and "lr"."""
@@ -186,6 +188,7 @@ def run_training(task: TrainTask, *, resume: bool = False, progress: bool = True
     is overwritten by accident); with it and no checkpoint yet, the run starts from step 0.
     """
     cfg = task.config
+    main = task.ranks.is_main  # only rank 0 writes; every rank steps
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT_NAME
@@ -193,27 +196,33 @@ def run_training(task: TrainTask, *, resume: bool = False, progress: bool = True
     if resume and ckpt_path.is_file():
         step, seconds = restore_task(task, load_checkpoint(ckpt_path))
     elif resume:
-        warnings.warn(f"resume: no checkpoint in {out}, starting from step 0", stacklevel=2)
+        if main:
+            warnings.warn(f"resume: no checkpoint in {out}, starting from step 0", stacklevel=2)
     elif ckpt_path.is_file():
         raise FileExistsError(f"{out} already holds a training checkpoint: pass resume=True (--resume) or another out_dir")
-    cfg.save(out / "config.json")
-
-    log = CSVLog(out / LOG_NAME, ["step", *task.loss_names, "lr", "seconds"], step if resume else None)
-    result = TrainResult(step=step, out_dir=out, checkpoint=ckpt_path, log=log.path)
+    barrier(task.ranks)  # every rank has looked for the checkpoint before rank 0 may write one
+    log: CSVLog | None = None
+    if main:
+        cfg.save(out / "config.json")
+        log = CSVLog(out / LOG_NAME, ["step", *task.loss_names, "lr", "seconds"], step if resume else None)
+    result = TrainResult(step=step, out_dir=out, checkpoint=ckpt_path, log=out / LOG_NAME)
     samples = out / "samples"
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {task.kind}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {task.kind}", disable=not (progress and main),
+               dynamic_ncols=True)
     started = time.perf_counter() - seconds
     last_saved = step if resume and ckpt_path.is_file() else -1
     try:
         while step < cfg.max_steps:
-            values = task.train_step(step)
+            values = all_reduce_mean(task.train_step(step), task.ranks)
             step += 1
             seconds = time.perf_counter() - started
             result.last = values
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                log.write({"step": step, **values, "seconds": seconds})
             bar.update(1)
             bar.set_postfix({k: f"{values[k]:.4g}" for k in task.loss_names[:3]}, refresh=False)
+            if not main:
+                continue
+            if log is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                log.write({"step": step, **values, "seconds": seconds})
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
                 result.samples.append(_sample(task, step, samples))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -221,11 +230,13 @@ def run_training(task: TrainTask, *, resume: bool = False, progress: bool = True
                 last_saved = step
     finally:
         bar.close()
-    if last_saved != step:
-        save_checkpoint(task_state(task, step, seconds), ckpt_path)
-    result.samples.append(_sample(task, step, samples))
-    if cfg.export:
-        result.exported = task.export(out / task.export_name)
+    if main:
+        if last_saved != step:
+            save_checkpoint(task_state(task, step, seconds), ckpt_path)
+        result.samples.append(_sample(task, step, samples))
+        if cfg.export:
+            result.exported = task.export(out / task.export_name)
+    barrier(task.ranks)  # the others wait for rank 0's files
     result.step = step
     return result
 

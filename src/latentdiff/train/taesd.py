@@ -34,6 +34,7 @@ from ..models.vae import AutoencoderKL
 from .build import load_vae, model_config, resolve_device, seeded
 from .config import TrainConfig, TrainConfigError
 from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
+from .distributed import refuse_distributed
 from .ema import EMA
 from .grid import save_grid
 from .loop import TrainResult, TrainTask, average_over_image_batches, run_training
@@ -99,6 +100,7 @@ class TAESDTrainer(TrainTask):
         student: TinyAutoencoder | None = None,
     ) -> None:
         config.validate()
+        refuse_distributed("taesd")
         self.config = cfg = config
         self.device = resolve_device(cfg.device)
         self.source = source if source is not None else open_source(

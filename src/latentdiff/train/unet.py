@@ -21,34 +21,36 @@ Options of common fine-tuning recipes (as diffusers' ``train_text_to_image``):
 
 Caches (both exact, neither changes results):
 
-- latents: ``out_dir/cache/latents.safetensors`` holds every image's latent (posterior mean, or
-  one fixed posterior sample with ``latent_mode="sample"``) times the scaling factor, plus the
-  captions; it is reused when its fingerprint (VAE weights, data settings, first and last item)
-  matches, else rebuilt. Delete ``cache/`` to force re-encoding.
+- latents: ``out_dir/cache/latents-<key>.npy`` holds every readable image's latent (posterior
+  mean, or one fixed posterior sample with ``latent_mode="sample"``) times the scaling factor,
+  memory-mapped, keyed by the VAE and the transform (:mod:`latentdiff.train.latent_cache`);
+  unreadable images are skipped and counted. Delete ``cache/`` to force re-encoding.
 - text: with ``cache_text`` (default) every unique caption (and "") is encoded once, in memory,
   before training; without it each batch's captions go through the frozen text encoder. Use
   ``cache_text=False`` when captions are too many to hold their (77, D) embeddings in memory.
 
-All randomness (data order aside, see EpochOrder) comes from one CPU generator ``noise``
-saved in checkpoints, drawn in a fixed order per micro-batch: dropout mask, timesteps, noise.
+Every random draw of a sample comes from its global index (:mod:`latentdiff.train.draws`, in
+the order: caption-dropout uniform, timestep, eps (c, h, w), then the offset (c, 1, 1) when
+``noise_offset`` is on), so the same config learns the same model in one process or split over
+torchrun ranks (:mod:`latentdiff.train.distributed`), and resume needs no generator state.
+
+:class:`DiffusionTrainer` is the part every denoising-loss trainer shares (pipeline, caches,
+per-sample draws, the step); :class:`UNetTrainer` trains the whole UNet, and the LoRA and
+embedding trainers (:mod:`latentdiff.train.lora`, :mod:`latentdiff.train.embedding`) train
+adapters on the same objective.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..checkpoints.errors import CheckpointError
-from ..checkpoints.io import write_safetensors
 from ..models.clip import CLIPTextModel
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DCondition
@@ -57,11 +59,14 @@ from ..pipeline import Pipeline
 from ..schedule import NoiseSchedule, ScheduleConfig
 from .build import load_vae, resolve_device, seeded, unet_config
 from .config import UNetTrainConfig
-from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
+from .data import EpochOrder, ImageCaptionSource, open_source
+from .distributed import average_gradients, broadcast_parameters, join_world, rank_slice, training_device
+from .draws import DIFFUSION, sample_ids, stacked
 from .ema import EMA
 from .grid import save_grid
+from .latent_cache import LatentCache, cache_key, open_latent_cache
 from .loop import TrainResult, TrainTask, run_training
-from .optim import autocast, clipped_step, make_adamw, set_lr
+from .optim import autocast, clipped_step, make_adamw
 
 _TEXT_CHUNK = 64  # captions per text-encoder call when filling the cache
 
@@ -94,10 +99,9 @@ def build_pipeline(config: UNetTrainConfig) -> Pipeline:
     return Pipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=ScheduleConfig())
 
 
-def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
-    """Each caption replaced by "" with probability ``p`` (one uniform draw per caption, always drawn)."""
-    drop = (torch.rand(len(captions), generator=generator) < p).tolist()
-    return ["" if d else c for c, d in zip(captions, drop)]
+def drop_captions(captions: list[str], uniforms: Tensor, p: float) -> list[str]:
+    """Caption ``i`` replaced by "" when its uniform draw ``uniforms[i]`` is below ``p``."""
+    return ["" if bool(u < p) else c for c, u in zip(captions, uniforms)]
 
 
 def noisy_latents_and_target(x0: Tensor, eps: Tensor, abar: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
@@ -122,34 +126,54 @@ def min_snr_weights(abar: Tensor, gamma: float, prediction_type: str) -> Tensor:
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def _state_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+@dataclasses.dataclass
+class DiffusionDraws:
+    """The random draws of a batch of samples for the denoising loss."""
+
+    dropout: Tensor  # (B,) uniforms in [0, 1): caption i is dropped when < caption_dropout
+    timesteps: Tensor  # (B,) int64 in [0, T)
+    noise: Tensor  # (B, c, h, w), the offset included when noise_offset is on
 
 
-class UNetTrainer(TrainTask):
-    """The UNet as a :class:`~latentdiff.train.loop.TrainTask`."""
+def diffusion_draws(ids: list[int], seed: int, latent_shape: tuple[int, ...], num_train_timesteps: int,
+                    noise_offset: float) -> DiffusionDraws:
+    """Each sample's draws from its global index ``ids[i]``: uniform, timestep, eps (c, h, w) and,
+    when ``noise_offset`` > 0, ``noise_offset * N(0, 1)`` of shape (c, 1, 1) added to eps."""
+    c = latent_shape[0]
 
-    kind = "unet"
+    def draw(g: torch.Generator) -> tuple[Tensor, ...]:
+        u = torch.rand((), generator=g)
+        t = torch.randint(0, num_train_timesteps, (), generator=g)
+        eps = torch.randn(latent_shape, generator=g)
+        if noise_offset > 0:  # drawn only when on: runs without it keep their numbers
+            eps = eps + noise_offset * torch.randn((c, 1, 1), generator=g)
+        return u, t, eps
+
+    u, t, eps = stacked(ids, seed, DIFFUSION, draw)
+    return DiffusionDraws(u, t, eps)
+
+
+class DiffusionTrainer(TrainTask):
+    """What every trainer on the denoising loss shares: the pipeline (VAE and text encoder frozen),
+    the latent and text caches, the data order, per-sample draws and the optimizer step.
+
+    Subclasses say what trains (:meth:`setup_training` fills ``modules``, ``optimizers``, ``emas``)
+    and may change how captions become text states (:meth:`condition`).
+    """
+
     loss_names = ("loss", "grad_norm")
 
-    def __init__(
-        self,
-        config: UNetTrainConfig,
-        source: ImageCaptionSource | None = None,
-        pipeline: Pipeline | None = None,
-    ) -> None:
+    def __init__(self, config: UNetTrainConfig, source: ImageCaptionSource | None = None,
+                 pipeline: Pipeline | None = None) -> None:
         config.validate()
         self.config = cfg = config
-        self.device = resolve_device(cfg.device)
-        pipe = pipeline if pipeline is not None else build_pipeline(cfg)
-        pipe.schedule = dataclasses.replace(pipe.schedule, prediction_type=cfg.prediction_type)
+        self.ranks = join_world(resolve_device(cfg.device))
+        self.device = resolve_device(training_device(cfg.device, self.ranks))
+        pipe = pipeline if pipeline is not None else self.build_pipeline()
+        pipe = self.prepare_pipeline(pipe)
         pipe.to(self.device, torch.float32)
         self.pipe = pipe
-        self.unet: UNet2DCondition = pipe.unet.train().requires_grad_(True)
+        self.unet: UNet2DCondition = pipe.unet.train().requires_grad_(False)
         self.unet.enable_gradient_checkpointing(cfg.gradient_checkpointing)
         self.vae: AutoencoderKL = pipe.vae.eval().requires_grad_(False)
         self.text_encoder: CLIPTextModel = pipe.text_encoder.eval().requires_grad_(False)
@@ -158,63 +182,59 @@ class UNetTrainer(TrainTask):
         self.source = source if source is not None else open_source(
             cfg.data, cfg.resolution, cfg.world_seed, cfg.world_length
         )
-
-        self.latents, self.captions = self._load_or_encode_latents()  # (N, c, h, w) on the CPU, N captions
+        self.latents = self._open_latents()  # (N, c, h, w), memory-mapped
+        self.captions = self.latents.captions
         self.prompts = list(cfg.sample_prompts) or self.captions[: cfg.num_sample_images]
         self.text_table: Tensor | None = None
         self.text_index: dict[str, int] = {}
-        if cfg.cache_text:
+        self.generators: dict[str, torch.Generator] = {}  # every draw is per sample (draws.py)
+        self.order = EpochOrder(len(self.captions), cfg.seed)
+        self.modules, self.optimizers, self.emas = {}, {}, {}
+        self.setup_training()
+        broadcast_parameters(self.modules, self.ranks)
+        if cfg.cache_text and self.text_is_frozen():
             self._fill_text_cache(sorted(set(self.captions) | {""}))
 
-        self.modules = {"unet": self.unet}
-        self.optimizers = {
-            "unet": make_adamw(self.unet.parameters(), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay)
-        }
-        self.emas = {"unet": EMA(self.unet, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power)} if cfg.ema_decay > 0 else {}
-        self.noise = torch.Generator().manual_seed(cfg.seed + 2)
-        self.generators = {"noise": self.noise}
-        self.order = EpochOrder(len(self.captions), cfg.seed)
+    # ------------------------------------------------------------------ what subclasses decide
+    def build_pipeline(self) -> Pipeline:
+        return build_pipeline(self.config)
+
+    def prepare_pipeline(self, pipe: Pipeline) -> Pipeline:
+        """The pipeline as trained: its schedule predicts the config's ``prediction_type``."""
+        pipe.schedule = dataclasses.replace(pipe.schedule, prediction_type=self.config.prediction_type)
+        return pipe
+
+    def setup_training(self) -> None:
+        """Make the trained parameters require grad; fill modules, optimizers and emas."""
+        raise NotImplementedError
+
+    def text_is_frozen(self) -> bool:
+        """Whether a caption's text states never change (then they may be cached)."""
+        return True
+
+    def condition(self, captions: list[str]) -> Tensor:
+        """Text states (B, 77, D) of ``captions``, with gradients where the text side trains."""
+        return self.embed(captions)
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for opt in self.optimizers.values() for group in opt.param_groups for p in group["params"]]
 
     # ------------------------------------------------------------------ caches
-    def _fingerprint(self) -> str:
+    def _open_latents(self) -> LatentCache:
         cfg = self.config
-        ends = [self.source[0], self.source[len(self.source) - 1]]
-        h = hashlib.sha256()
-        h.update(json.dumps({
+        key = cache_key(self.vae, self.source, {
             "data": cfg.data, "world_seed": cfg.world_seed, "world_length": cfg.world_length,
             "resolution": cfg.resolution, "latent_mode": cfg.latent_mode, "seed": cfg.seed,
-            "length": len(self.source), "vae": _state_hash(self.vae), "captions": [c for _, c in ends],
-        }, sort_keys=True).encode())
-        for image, _ in ends:
-            h.update(image.numpy().tobytes())
-        return h.hexdigest()
-
-    @torch.no_grad()
-    def _load_or_encode_latents(self) -> tuple[Tensor, list[str]]:
-        """Latents * scaling_factor of every image, read from the cache file or encoded once."""
-        cfg = self.config
-        path = Path(cfg.out_dir) / "cache" / "latents.safetensors"
-        fingerprint = self._fingerprint()
-        if path.is_file():
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("fingerprint") == fingerprint:
-                    return f.get_tensor("latents"), json.loads(meta["captions"])
+        })
         generator = torch.Generator().manual_seed(cfg.seed + 3)  # "sample" mode's one fixed draw
-        chunks, captions = [], []
-        n = len(self.source)
-        for start in tqdm(range(0, n, cfg.batch_size), desc="encoding latents", leave=False, disable=n < 256):
-            images, caps = load_batch(self.source, range(start, min(start + cfg.batch_size, n)))
+
+        def encode(images: Tensor) -> Tensor:
             posterior = self.vae.encode(images.to(self.device))
             z = posterior.mode() if cfg.latent_mode == "mean" else posterior.sample(generator)
-            chunks.append(self.vae.scale_latents(z).float().cpu())  # (b, c, h, w)
-            captions.extend(caps)
-        # contiguous (NCHW): convolutions may hand back channels-last tensors, and the file round
-        # trip would not, which changes GroupNorm's summation order and breaks exact resume.
-        latents = torch.cat(chunks).contiguous()
-        write_safetensors({"latents": latents}, path,
-                          metadata={"fingerprint": fingerprint, "captions": json.dumps(captions)})
-        return latents, captions
+            return self.vae.scale_latents(z)
+
+        return open_latent_cache(Path(cfg.out_dir) / "cache", key, self.source, encode,
+                                 batch_size=cfg.batch_size, world=self.ranks)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
@@ -234,18 +254,29 @@ class UNetTrainer(TrainTask):
         return self.encode_text(texts)
 
     # ------------------------------------------------------------------ one step
-    def _micro_step(self, indices: list[int], accum: int) -> float:
-        cfg, g = self.config, self.noise
-        x0 = self.latents[indices].to(self.device).contiguous()  # (B, c, h, w)
-        batch = x0.shape[0]
-        captions = drop_captions([self.captions[i] for i in indices], cfg.caption_dropout, g)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (batch,), generator=g)
-        eps = torch.randn(x0.shape, generator=g).to(self.device)
-        if cfg.noise_offset > 0:  # drawn only when on: runs without it keep their random stream
-            eps = eps + cfg.noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=g).to(self.device)
+    def micro_batches(self, step: int) -> list[tuple[list[int], list[int]]]:
+        """(data indices, global sample ids) of this rank's part of each micro-batch of ``step``."""
+        cfg = self.config
+        global_batch = cfg.batch_size * self.ranks.world_size
+        out = []
+        for micro in range(cfg.grad_accum):
+            mine, start = rank_slice(self.order.next(global_batch), self.ranks)
+            out.append((mine, sample_ids(step, micro, cfg.grad_accum, global_batch, start, len(mine))))
+        return out
+
+    def captions_of(self, indices: list[int], ids: list[int]) -> list[str]:
+        """The captions trained on for data items ``indices`` (samples ``ids``)."""
+        return [self.captions[i] for i in indices]
+
+    def _micro_step(self, indices: list[int], ids: list[int], accum: int) -> float:
+        cfg = self.config
+        x0 = self.latents[indices].to(self.device)  # (B, c, h, w)
+        draws = diffusion_draws(ids, cfg.seed, tuple(x0.shape[1:]), self.schedule.num_train_timesteps, cfg.noise_offset)
+        captions = drop_captions(self.captions_of(indices, ids), draws.dropout, cfg.caption_dropout)
+        t = draws.timesteps
         abar = self.schedule.alphas_cumprod[t].to(self.device)
-        x_t, target = noisy_latents_and_target(x0, eps, abar, cfg.prediction_type)
-        emb = self.embed(captions)  # (B, 77, D)
+        x_t, target = noisy_latents_and_target(x0, draws.noise.to(self.device), abar, cfg.prediction_type)
+        emb = self.condition(captions)  # (B, 77, D)
         with autocast(self.device, cfg.bf16):
             pred = self.unet(x_t, t.to(self.device), emb)
         if cfg.min_snr_gamma > 0:
@@ -259,27 +290,38 @@ class UNetTrainer(TrainTask):
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         lr = cfg.lr_at(step)
-        set_lr(self.optimizers["unet"], lr)
-        loss = sum(self._micro_step(self.order.next(cfg.batch_size), cfg.grad_accum) for _ in range(cfg.grad_accum))
-        grad_norm = float(clipped_step(self.optimizers["unet"], cfg.grad_clip))
-        for ema in self.emas.values():
-            ema.update(self.unet)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:  # a group may carry its own base rate ("base_lr")
+                group["lr"] = cfg.lr_at(step, group.get("base_lr", cfg.lr))
+        loss = sum(self._micro_step(indices, ids, cfg.grad_accum) for indices, ids in self.micro_batches(step))
+        average_gradients(self.trained_parameters(), self.ranks)
+        (opt,) = self.optimizers.values()
+        grad_norm = float(clipped_step(opt, cfg.grad_clip))
+        for name, ema in self.emas.items():
+            ema.update(self.modules[name])
         return {"loss": loss / cfg.grad_accum, "grad_norm": grad_norm, "lr": lr}
 
-    # ------------------------------------------------------------------ previews and export
+    # ------------------------------------------------------------------ previews
+    def sampling_unet(self) -> UNet2DCondition:
+        """The UNet that sample grids run (EMA weights when there are)."""
+        return self.inference_model("unet") if "unet" in self.modules else self.unet
+
+    def sampling_pipeline(self) -> Pipeline:
+        return dataclasses.replace(self.pipe, unet=self.sampling_unet())
+
     @torch.no_grad()
     def generate(self, prompts: list[str]) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1] for ``prompts``, with the EMA (else current) UNet.
+        """Images (B, 3, H, W) in [-1, 1] for ``prompts`` from :meth:`sampling_pipeline`.
 
         The pipeline's own txt2img: image i is seeded with ``sample_seed + i``, DDIM,
         ``sample_steps`` steps, CFG ``guidance_scale``.
         """
         cfg = self.config
-        unet = self.inference_model("unet")
+        pipe = self.sampling_pipeline()
+        unet = pipe.unet
         was_training = unet.training
         unet.eval()
         try:
-            pipe = dataclasses.replace(self.pipe, unet=unet)
             h, w = self.latents.shape[-2:]
             images = pipe.txt2img(prompts, width=w * pipe.vae_factor, height=h * pipe.vae_factor,
                                   steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, sampler="ddim",
@@ -294,10 +336,24 @@ class UNetTrainer(TrainTask):
         save_grid(images, path, nrow=len(self.prompts),
                   text={"step": str(step), "prompts": "\n".join(self.prompts)})
 
+
+class UNetTrainer(DiffusionTrainer):
+    """The whole UNet trained (from scratch or fine-tuned) as a :class:`~latentdiff.train.loop.TrainTask`."""
+
+    kind = "unet"
+
+    def setup_training(self) -> None:
+        cfg = self.config
+        self.unet.requires_grad_(True)
+        self.modules = {"unet": self.unet}
+        self.optimizers = {
+            "unet": make_adamw(self.unet.parameters(), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay)
+        }
+        self.emas = {"unet": EMA(self.unet, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power)} if cfg.ema_decay > 0 else {}
+
     def export(self, folder: Path) -> Path:
         """A diffusers pipeline folder: the trained UNet (EMA weights when EMA is on) + the frozen parts."""
-        pipe = dataclasses.replace(self.pipe, unet=self.inference_model("unet"))
-        pipe.save(folder)
+        self.sampling_pipeline().save(folder)
         return folder
 
 

@@ -31,6 +31,7 @@ from ..models.vae import AutoencoderKL
 from .build import fresh_vae, load_vae, resolve_device
 from .config import VAETrainConfig
 from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
+from .distributed import refuse_distributed
 from .ema import EMA
 from .grid import save_grid
 from .loop import TrainResult, TrainTask, average_over_image_batches, run_training
@@ -54,6 +55,7 @@ class VAETrainer(TrainTask):
         vae: AutoencoderKL | None = None,
     ) -> None:
         config.validate()
+        refuse_distributed("vae")
         self.config = cfg = config
         self.device = resolve_device(cfg.device)
         self.source = source if source is not None else open_source(
