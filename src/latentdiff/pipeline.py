@@ -103,6 +103,10 @@ class Pipeline:
         that fits gives exactly the plain tokenizer + text encoder result, (B, 77, D).
         ``clip_skip`` 2 takes the penultimate layer (A1111's "Clip skip").
         """
+        return self.text_states(prompts, clip_skip=clip_skip, min_chunks=min_chunks)
+
+    def text_states(self, prompts: str | list[str], *, clip_skip: int = 1, min_chunks: int = 1) -> Tensor:
+        """:meth:`encode_prompt` with autograd on (a trainer's gradients reach embedding vectors and adapters)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         lookup = {tuple(self.tokenizer.encode(n)): (n, v) for n, v in self.embeddings.items()}
         chunks = tokenize_weighted(self.tokenizer, prompts, min_chunks=min_chunks, embeddings=lookup)

@@ -190,6 +190,8 @@ def ti_hashes_field(pipe: Pipeline, prompts: Iterable[str], negatives: Iterable[
     entries = []
     for names in (used_embeddings(pipe, prompts), used_embeddings(pipe, negatives)):
         for name in names:
+            if name not in pipe.embedding_files:
+                continue  # set in memory (a trainer's vectors): no file to hash
             shown = name.replace(":", "").replace(",", "")
             entries.append(f"{shown}: {embedding_hash(pipe.embedding_files[name])}")
     return ", ".join(entries)

@@ -4,6 +4,7 @@
     latentdiff train unet --config unet.toml [--resume] [--out DIR] [--steps N]
     latentdiff train clip --config clip.toml [--resume] [--out DIR] [--steps N]
     latentdiff train lora --config lora.toml [--resume] [--out DIR] [--steps N]
+    latentdiff train embedding --config ti.toml [--resume] [--out DIR] [--steps N]
     latentdiff train lcm  --config lcm.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train taesd --config taesd.toml [--resume] [--out DIR] [--steps N]
     torchrun --standalone --nproc_per_node 2 -m latentdiff.cli train unet --config unet.toml   (data parallel)
@@ -24,6 +25,7 @@ from .clip import CLIPTrainConfig
 from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
 from .data import TrainDataError
 from .distributed import dist_info
+from .embedding import EmbeddingTrainConfig
 from .lcm import LCMTrainConfig
 from .lora import LoRATrainConfig
 from .taesd import TAESDTrainConfig
@@ -53,6 +55,12 @@ def _run_lora(config: TrainConfig, resume: bool) -> Any:
     return train_lora(config, resume=resume)  # type: ignore[arg-type]
 
 
+def _run_embedding(config: TrainConfig, resume: bool) -> Any:
+    from .embedding import train_embedding
+
+    return train_embedding(config, resume=resume)  # type: ignore[arg-type]
+
+
 def _run_lcm(config: TrainConfig, resume: bool) -> Any:
     from .lcm import train_lcm
 
@@ -71,6 +79,7 @@ TRAINERS: dict[str, tuple[type[TrainConfig], Callable[[TrainConfig, bool], Any],
     "clip": (CLIPTrainConfig, _run_clip, "train a small CLIP (text + image towers) contrastively on the built-in world"),
     "unet": (UNetTrainConfig, _run_unet, "train or fine-tune the UNet on VAE latents with a frozen text encoder"),
     "lora": (LoRATrainConfig, _run_lora, "train a LoRA (UNet attention, optionally LoCon and the text encoder) in kohya's format"),
+    "embedding": (EmbeddingTrainConfig, _run_embedding, "learn a textual-inversion embedding (A1111 .pt and .safetensors)"),
     "lcm": (LCMTrainConfig, _run_lcm, "distill a pipeline's UNet into an LCM-LoRA (4-step sampling with sampler lcm)"),
     "taesd": (TAESDTrainConfig, _run_taesd, "distill a model's VAE into a tiny autoencoder (TAESD) for fast decodes and previews"),
 }
