@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import warnings
 from pathlib import Path
 
@@ -148,16 +149,20 @@ def test_existing_run_needs_resume(tmp_path) -> None:
 
 
 def test_failed_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch) -> None:
+    """A write that fails half-way (ENOSPC) stops the run with a message saying why and what is
+    kept; the previous checkpoint loads unchanged and no temporary file is left (the disk-full and
+    kill tests in a real process are in test_train_faults.py)."""
     source = synthetic_source()
     train_vae(vae_config(tmp_path, max_steps=2), source=source, progress=False)
     before = load_checkpoint(tmp_path / "checkpoint.pt")
 
     def broken_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("latentdiff.train.checkpoint.torch.save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(TrainCheckpointError, match=r"stopped at step 4: .*\(No space left on device\); the "
+                                                   r"checkpoint of step 2 .* is kept"):
         train_vae(vae_config(tmp_path, max_steps=4), source=source, resume=True, progress=False)
     after = load_checkpoint(tmp_path / "checkpoint.pt")
     assert after["step"] == 2

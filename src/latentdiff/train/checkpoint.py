@@ -20,6 +20,7 @@ saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import zipfile
@@ -66,11 +67,48 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
 
 
+class _CheckedFile:
+    """A file for ``torch.save`` that writes every byte or remembers the OSError that stopped it.
+
+    torch's zip writer reports a failed write (disk full, quota, file-size limit) only as a
+    RuntimeError about a file position; this keeps the operating system's reason.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.raw.write(view):]
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file + rename)."""
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename).
+
+    A write the system refuses raises that OSError (e.g. ``ENOSPC``); the previous file at
+    ``path`` is untouched and the temporary file removed.
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        with open(tmp, "wb", buffering=0) as raw:
+            sink = _CheckedFile(raw)
+            try:
+                torch.save(state, sink)  # type: ignore[arg-type]
+            except RuntimeError:
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
+            os.fsync(raw.fileno())  # on disk before the rename makes it the checkpoint
     return path
 
 

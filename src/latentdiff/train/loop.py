@@ -226,19 +226,31 @@ def run_training(task: TrainTask, *, resume: bool = False, progress: bool = True
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
                 result.samples.append(_sample(task, step, samples))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(task_state(task, step, seconds), ckpt_path)
+                _save(task, step, seconds, ckpt_path, last_saved)
                 last_saved = step
     finally:
         bar.close()
     if main:
         if last_saved != step:
-            save_checkpoint(task_state(task, step, seconds), ckpt_path)
+            _save(task, step, seconds, ckpt_path, last_saved)
         result.samples.append(_sample(task, step, samples))
         if cfg.export:
             result.exported = task.export(out / task.export_name)
     barrier(task.ranks)  # the others wait for rank 0's files
     result.step = step
     return result
+
+
+def _save(task: TrainTask, step: int, seconds: float, path: Path, previous: int) -> None:
+    """Write the checkpoint of ``step``; a failed write (disk full, quota, file size limit) stops the
+    run with a TrainCheckpointError that says why and which checkpoint is still there."""
+    try:
+        save_checkpoint(task_state(task, step, seconds), path)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        kept = (f"the checkpoint of step {previous} in {path} is kept: free space and continue with --resume"
+                if previous >= 0 else "no earlier checkpoint exists")
+        raise TrainCheckpointError(f"stopped at step {step}: writing its checkpoint failed ({reason}); {kept}") from err
 
 
 def _sample(task: TrainTask, step: int, folder: Path) -> Path:
