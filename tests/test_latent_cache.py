@@ -46,7 +46,8 @@ def image_folder(folder: Path, corrupt: dict[int, bytes] | None = None) -> Path:
 def test_latents_are_memory_mapped_and_equal_a_direct_encode(tmp_path: Path) -> None:
     source = synthetic_source()
     trainer = UNetTrainer(config(tmp_path), source=source, pipeline=tiny_pipeline())
-    assert isinstance(trainer.latents.array, np.memmap) and not trainer.latents.array.flags.writeable
+    (array,) = trainer.latents.arrays
+    assert isinstance(array, np.memmap) and not array.flags.writeable
     with torch.no_grad():
         images = torch.stack([source[i][0] for i in range(len(source))])
         expected = trainer.vae.scale_latents(trainer.vae.encode(images).mode())

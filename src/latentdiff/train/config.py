@@ -251,6 +251,11 @@ class UNetTrainConfig(TrainConfig):
     noise_offset: float = 0.0  # > 0: add noise_offset * N(0, 1) per sample and channel to eps (darker darks)
     latent_mode: str = "mean"  # "mean" (posterior mode) or "sample" (one fixed draw per image)
     cache_text: bool = True  # True: encode each unique caption once; False: encode every batch
+    # aspect-ratio buckets: images keep their shape (area <= resolution ** 2, sides multiples of
+    # bucket_step, 0: the VAE factor x the UNet's downsampling) instead of a square centre crop
+    aspect_buckets: bool = False
+    bucket_step: int = 0
+    bucket_max_ratio: float = 2.0
     ema_decay: float = 0.999
     sample_prompts: list[str] = dataclasses.field(default_factory=list)  # default: the first data captions
     num_sample_images: int = 4
@@ -271,3 +276,6 @@ class UNetTrainConfig(TrainConfig):
                                    f"{self.noise_offset}")
         if self.sample_steps < 1:
             raise TrainConfigError(f"sample_steps must be >= 1, got {self.sample_steps}")
+        if self.bucket_step < 0 or self.bucket_step > self.resolution or self.bucket_max_ratio < 1:
+            raise TrainConfigError(f"bucket_step must be in [0, resolution] and bucket_max_ratio >= 1, got "
+                                   f"{self.bucket_step} and {self.bucket_max_ratio}")

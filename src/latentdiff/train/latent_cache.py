@@ -4,9 +4,10 @@
     x0 = cache[[3, 1, 4]]          # (3, c, h, w) float32, read from the mapped file
     cache.captions[3], cache.skipped
 
-Files (``cache/latents-<key16>.npy`` + ``.json``): the latents (N, c, h, w) float32 of every
-readable item (the posterior mean or one fixed sample, times the VAE's scaling factor), and
-beside them the captions, the full key and the items skipped. The key (:func:`cache_key`)
+Files (``cache/latents-<key16>-<bucket>.npy`` + ``latents-<key16>.json``): the latents
+(N_b, c, h, w) float32 of every readable item (the posterior mean or one fixed sample, times the
+VAE's scaling factor), one array per aspect-ratio bucket (one without buckets), and beside them
+the captions, each item's bucket and row, the full key and the items skipped. The key (:func:`cache_key`)
 hashes the VAE's weights, the data and the transform, so caches of different VAEs or
 resolutions sit side by side and a changed setting never reads a stale one. The array is
 opened with ``numpy.load(mmap_mode="r")``: a cache larger than memory is paged in as batches
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..checkpoints.io import atomic_path
+from .buckets import fit_to_bucket, nearest_bucket
 from .data import ImageCaptionSource, TrainDataError, stack_images
 from .distributed import DistInfo, barrier
 
@@ -65,10 +68,15 @@ def cache_key(vae: nn.Module, source: ImageCaptionSource, settings: Mapping[str,
 
 
 class LatentCache:
-    """Latents (N, c, h, w) of the readable items, their captions and the skipped count."""
+    """Latents of the readable items, their captions and what was skipped.
 
-    def __init__(self, array: np.ndarray, captions: list[str], skipped: list[str]) -> None:
-        self.array = array  # (N, c, h, w) float32, usually a read-only memory map
+    The latents sit in one array per bucket (one bucket without aspect-ratio buckets), each
+    (N_b, c, h_b, w_b); ``where[i]`` = (bucket, row) of item ``i``.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], where: np.ndarray, captions: list[str], skipped: list[str]) -> None:
+        self.arrays = arrays  # per bucket (N_b, c, h_b, w_b) float32, usually read-only memory maps
+        self.where = where  # (N, 2) int64
         self.captions = captions
         self.skipped = skipped
 
@@ -76,32 +84,50 @@ class LatentCache:
         return len(self.captions)
 
     @property
+    def latent_size(self) -> tuple[int, int]:
+        """(h, w) of the bucket holding the most items (the size sample grids are drawn at)."""
+        return tuple(max(self.arrays, key=len).shape[-2:])  # type: ignore[return-value]
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
+        """(N, c, h, w) when every latent has one size."""
+        if len(self.arrays) != 1:
+            raise ValueError(f"the cache holds {len(self.arrays)} bucket sizes; it has no single shape")
+        return tuple(self.arrays[0].shape)
+
+    def groups(self) -> list[list[int]]:
+        """Item indices of each bucket."""
+        return [np.flatnonzero(self.where[:, 0] == b).tolist() for b in range(len(self.arrays))]
 
     def __getitem__(self, indices: Sequence[int] | Tensor | slice) -> Tensor:
-        """Latents of ``indices`` (or a slice) as a fresh contiguous float32 tensor (B, c, h, w)."""
-        rows = indices if isinstance(indices, slice) else np.asarray(indices, dtype=np.int64)
-        return torch.from_numpy(np.array(self.array[rows], order="C"))
+        """Latents of ``indices`` (or a slice), all of one bucket, as a fresh contiguous float32 tensor (B, c, h, w)."""
+        items = np.arange(len(self))[indices] if isinstance(indices, slice) else np.asarray(indices, dtype=np.int64)
+        buckets = np.unique(self.where[items, 0])
+        if len(buckets) != 1:
+            raise TrainDataError(f"a batch mixes {len(buckets)} latent sizes (aspect-ratio buckets)")
+        return torch.from_numpy(np.array(self.arrays[int(buckets[0])][self.where[items, 1]], order="C"))
 
 
-def _paths(folder: Path, key: str) -> tuple[Path, Path]:
-    stem = folder / f"latents-{key[:16]}"
-    return stem.with_suffix(".npy"), stem.with_suffix(".json")
+def _paths(folder: Path, key: str) -> tuple[Path, str]:
+    """The metadata file and the array files' pattern (``.format(bucket)``)."""
+    return folder / f"latents-{key[:16]}.json", str(folder / f"latents-{key[:16]}-{{}}.npy")
 
 
 def _open(folder: Path, key: str) -> LatentCache | None:
-    array_path, meta_path = _paths(folder, key)
-    if not (array_path.is_file() and meta_path.is_file()):
-        return None
+    meta_path, array_pattern = _paths(folder, key)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        array = np.load(array_path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None  # unreadable: rebuilt
-    if meta.get("key") != key or len(meta.get("captions", [])) != array.shape[0]:
+        if meta.get("key") != key:
+            return None
+        arrays = [np.load(array_pattern.format(b), mmap_mode="r") for b in range(meta["buckets"])]
+    except (OSError, ValueError, KeyError):
+        return None  # missing or unreadable: rebuilt
+    where = np.asarray(meta["where"], dtype=np.int64).reshape(-1, 2)
+    if len(where) != len(meta["captions"]) or any(
+        (where[:, 0] == b).sum() != len(a) for b, a in enumerate(arrays)
+    ):
         return None
-    return LatentCache(array, meta["captions"], meta.get("skipped", []))
+    return LatentCache(arrays, where, meta["captions"], meta.get("skipped", []))
 
 
 def open_latent_cache(
@@ -112,17 +138,20 @@ def open_latent_cache(
     *,
     batch_size: int,
     world: DistInfo | None = None,
+    buckets: Sequence[tuple[int, int]] | None = None,
 ) -> LatentCache:
     """The cache of ``key`` in ``folder``, built first when missing (by rank 0; the other ranks wait).
 
-    ``encode`` maps images (B, 3, H, W) in [-1, 1] to scaled latents (B, c, h, w).
+    ``encode`` maps images (B, 3, H, W) in [-1, 1] to scaled latents (B, c, h, w). With
+    ``buckets`` ((width, height) sizes), each image is fitted to its nearest bucket first
+    (:mod:`latentdiff.train.buckets`).
     """
     folder = Path(folder)
     world = world or DistInfo()
     if world.is_main:
         cache = _open(folder, key)
         if cache is None:
-            _build(folder, key, source, encode, batch_size)
+            _build(folder, key, source, encode, batch_size, buckets)
     barrier(world)
     cache = _open(folder, key)
     if cache is None:
@@ -131,38 +160,55 @@ def open_latent_cache(
         names = "; ".join(cache.skipped[:3])
         warnings.warn(f"skipped {len(cache.skipped)} unreadable training item(s) of {len(cache) + len(cache.skipped)} "
                       f"(e.g. {names})", stacklevel=3)
-    if not len(cache):
-        raise TrainDataError(f"none of the {len(source)} training items could be read")
     return cache
 
 
 @torch.no_grad()
 def _build(folder: Path, key: str, source: ImageCaptionSource, encode: Callable[[Tensor], Tensor],
-           batch_size: int) -> None:
-    chunks: list[np.ndarray] = []
+           batch_size: int, buckets: Sequence[tuple[int, int]] | None) -> None:
+    chunks: dict[int, list[np.ndarray]] = defaultdict(list)  # bucket -> encoded chunks
+    pending: dict[int, list[Tensor]] = defaultdict(list)  # bucket -> images waiting for a full batch
+    where: list[tuple[int, int]] = []
+    rows: dict[int, int] = defaultdict(int)
     captions: list[str] = []
     skipped: list[str] = []
+
+    def flush(bucket: int) -> None:
+        if pending[bucket]:
+            chunks[bucket].append(encode(stack_images(pending[bucket])).float().cpu().contiguous().numpy())
+            pending[bucket] = []
+
     n = len(source)
-    for start in tqdm(range(0, n, batch_size), desc="encoding latents", leave=False, disable=n < 256):
-        images = []
-        for index in range(start, min(start + batch_size, n)):
-            try:
-                image, caption = source[index]
-            except TrainDataError as err:
-                skipped.append(f"item {index}: {err}")
-                continue
-            images.append(image)
-            captions.append(caption)
-        if images:
-            chunks.append(encode(stack_images(images)).float().cpu().contiguous().numpy())  # (b, c, h, w)
-    if not chunks:
+    for index in tqdm(range(n), desc="encoding latents", leave=False, disable=n < 256):
+        try:
+            image, caption = source[index]
+        except TrainDataError as err:
+            skipped.append(f"item {index}: {err}")
+            continue
+        bucket = 0
+        if buckets is not None:
+            bucket = nearest_bucket(image.shape[-1], image.shape[-2], buckets)
+            image = fit_to_bucket(image, buckets[bucket])
+        pending[bucket].append(image)
+        where.append((bucket, rows[bucket]))
+        rows[bucket] += 1
+        captions.append(caption)
+        if len(pending[bucket]) == batch_size:
+            flush(bucket)
+    for bucket in list(pending):
+        flush(bucket)
+    if not captions:
         raise TrainDataError(f"none of the {n} training items could be read (e.g. {'; '.join(skipped[:3])})")
-    array = np.concatenate(chunks)
-    array_path, meta_path = _paths(folder, key)
+    used = sorted(chunks)  # buckets that received items -> 0, 1, ... in the files
+    renumber = {b: i for i, b in enumerate(used)}
+    meta_path, array_pattern = _paths(folder, key)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(array_path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    for b in used:
+        with atomic_path(Path(array_pattern.format(renumber[b]))) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.concatenate(chunks[b]))
     with atomic_path(meta_path) as tmp:
-        tmp.write_text(json.dumps({"format": FORMAT, "key": key, "shape": list(array.shape),
-                                   "captions": captions, "skipped": skipped}), encoding="utf-8")
+        tmp.write_text(json.dumps({
+            "format": FORMAT, "key": key, "buckets": len(used), "captions": captions, "skipped": skipped,
+            "where": [[renumber[b], r] for b, r in where],
+        }), encoding="utf-8")

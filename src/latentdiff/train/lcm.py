@@ -317,7 +317,7 @@ class LCMTrainer(DiffusionTrainer):
         ``guidance_scale``, the LoRA merged; image i is seeded with ``sample_seed + i``."""
         cfg = self.config
         pipe = dataclasses.replace(self.pipe, unet=self.merged_unet())
-        h, w = self.latents.shape[-2:]
+        h, w = self.latents.latent_size
         images = pipe.txt2img(prompts, width=w * pipe.vae_factor, height=h * pipe.vae_factor,
                               steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, sampler="lcm",
                               seed=cfg.sample_seed)

@@ -58,8 +58,9 @@ from ..models.vae import AutoencoderKL
 from ..pipeline import Pipeline
 from ..schedule import NoiseSchedule, ScheduleConfig
 from .build import load_vae, resolve_device, seeded, unet_config
-from .config import UNetTrainConfig
-from .data import EpochOrder, ImageCaptionSource, open_source
+from .buckets import BucketOrder, bucket_sizes
+from .config import TrainConfigError, UNetTrainConfig
+from .data import EpochOrder, ImageCaptionSource, TrainDataError, open_source
 from .distributed import average_gradients, broadcast_parameters, join_world, rank_slice, training_device
 from .draws import DIFFUSION, sample_ids, stacked
 from .ema import EMA
@@ -179,16 +180,20 @@ class DiffusionTrainer(TrainTask):
         self.text_encoder: CLIPTextModel = pipe.text_encoder.eval().requires_grad_(False)
         self.tokenizer = pipe.tokenizer
         self.schedule = NoiseSchedule(pipe.schedule)
-        self.source = source if source is not None else open_source(
-            cfg.data, cfg.resolution, cfg.world_seed, cfg.world_length
+        self.buckets = self._bucket_sizes() if getattr(cfg, "aspect_buckets", False) else None
+        self.source = source if source is not None else open_source(  # raw sizes when bucketing
+            cfg.data, None if self.buckets else cfg.resolution, cfg.world_seed, cfg.world_length  # type: ignore[arg-type]
         )
-        self.latents = self._open_latents()  # (N, c, h, w), memory-mapped
+        self.latents = self._open_latents()  # per bucket (N_b, c, h, w), memory-mapped
         self.captions = self.latents.captions
         self.prompts = list(cfg.sample_prompts) or self.captions[: cfg.num_sample_images]
         self.text_table: Tensor | None = None
         self.text_index: dict[str, int] = {}
         self.generators: dict[str, torch.Generator] = {}  # every draw is per sample (draws.py)
-        self.order = EpochOrder(len(self.captions), cfg.seed)
+        self.order: EpochOrder | BucketOrder = (
+            BucketOrder(self.latents.groups(), cfg.batch_size * self.ranks.world_size, cfg.seed)
+            if self.buckets else EpochOrder(len(self.captions), cfg.seed)
+        )
         self.modules, self.optimizers, self.emas = {}, {}, {}
         self.setup_training()
         broadcast_parameters(self.modules, self.ranks)
@@ -220,11 +225,20 @@ class DiffusionTrainer(TrainTask):
         return [p for opt in self.optimizers.values() for group in opt.param_groups for p in group["params"]]
 
     # ------------------------------------------------------------------ caches
+    def _bucket_sizes(self) -> list[tuple[int, int]]:
+        cfg = self.config
+        step = cfg.bucket_step or self.pipe.vae_factor * 2 ** (self.unet.config.levels - 1)
+        try:
+            return bucket_sizes(cfg.resolution, step, cfg.bucket_max_ratio)
+        except TrainDataError as err:
+            raise TrainConfigError(f"aspect buckets: {err}") from None
+
     def _open_latents(self) -> LatentCache:
         cfg = self.config
         key = cache_key(self.vae, self.source, {
             "data": cfg.data, "world_seed": cfg.world_seed, "world_length": cfg.world_length,
             "resolution": cfg.resolution, "latent_mode": cfg.latent_mode, "seed": cfg.seed,
+            "buckets": self.buckets,
         })
         generator = torch.Generator().manual_seed(cfg.seed + 3)  # "sample" mode's one fixed draw
 
@@ -234,7 +248,7 @@ class DiffusionTrainer(TrainTask):
             return self.vae.scale_latents(z)
 
         return open_latent_cache(Path(cfg.out_dir) / "cache", key, self.source, encode,
-                                 batch_size=cfg.batch_size, world=self.ranks)
+                                 batch_size=cfg.batch_size, world=self.ranks, buckets=self.buckets)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
@@ -322,7 +336,7 @@ class DiffusionTrainer(TrainTask):
         was_training = unet.training
         unet.eval()
         try:
-            h, w = self.latents.shape[-2:]
+            h, w = self.latents.latent_size
             images = pipe.txt2img(prompts, width=w * pipe.vae_factor, height=h * pipe.vae_factor,
                                   steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, sampler="ddim",
                                   seed=cfg.sample_seed)
