@@ -110,7 +110,9 @@ from ..world.negatives import ATTRIBUTE_KINDS, MIN_VARIANTS, describes, hard_neg
 from ..world.render import render
 from .build import resolve_device, seeded
 from .config import TrainConfig, TrainConfigError
-from .distributed import refuse_distributed
+from .distributed import (
+    average_gradients, broadcast_parameters, gather_with_grad, join_world, training_device,
+)
 from .ema import EMA
 from .losses import clip_loss
 from .loop import TrainResult, TrainTask, run_training
@@ -277,9 +279,9 @@ class CLIPTrainer(TrainTask):
 
     def __init__(self, config: CLIPTrainConfig) -> None:
         config.validate()
-        refuse_distributed("clip")
         self.config = cfg = config
-        self.device = resolve_device(cfg.device)
+        self.ranks = join_world(resolve_device(cfg.device))
+        self.device = resolve_device(training_device(cfg.device, self.ranks))
         if cfg.pretrained:
             model = load_clip_model(cfg.pretrained, dtype=torch.float32)  # names a missing or wrong folder
             self.tokenizer = CLIPTokenizer.from_folder(cfg.pretrained)
@@ -306,6 +308,7 @@ class CLIPTrainer(TrainTask):
         self.generators: dict[str, torch.Generator] = {}  # every draw is a pure function of the stream position
         self.world = WorldDataset(cfg.world_seed, cfg.world_length, partial_captions=cfg.partial_captions)
         self.order = StreamOrder(cfg.world_length)  # type: ignore[assignment]
+        broadcast_parameters(self.modules, self.ranks)
 
     def _store_tokenizer(self, folder: Path) -> None:
         if (folder / "vocab.json").is_file():
@@ -349,19 +352,26 @@ class CLIPTrainer(TrainTask):
         lr = cfg.lr_at(step)
         set_lr(self.optimizer, lr)
         totals = dict.fromkeys(("loss", "i2t", "t2i", "acc", "hard_acc"), 0.0)
-        for _ in range(cfg.grad_accum):
-            pixels, texts, negatives, mask = self.batch(self.order.next(cfg.batch_size))
+        for micro in self.micro_batches(step):
+            # the global batch's false-negative mask; this rank encodes its slice, and the loss is
+            # taken over every rank's embeddings (gathered with their gradients)
+            _, _, _, mask = self.batch(micro.items) if self.ranks.distributed else (None, None, None, None)
+            pixels, texts, negatives, own_mask = self.batch(micro.mine)
+            mask = own_mask if mask is None else mask
             ids = tokenize_batch(self.tokenizer, texts + [t for row in negatives for t in row]).to(self.device)
             b, k = len(texts), cfg.hard_negatives
             with autocast(self.device, cfg.bf16):
                 image_emb = model.encode_image(pixels.to(self.device))
                 text_emb = encode_text_by_length(model, ids)
             hard = text_emb[b:].reshape(b, k, -1) if k else None
-            loss, parts = clip_loss(image_emb, text_emb[:b], model.logit_scale, hard, mask.to(self.device))
+            image_emb, captions_emb = gather_with_grad(image_emb, self.ranks), gather_with_grad(text_emb[:b], self.ranks)
+            hard = gather_with_grad(hard, self.ranks) if hard is not None else None
+            loss, parts = clip_loss(image_emb, captions_emb, model.logit_scale, hard, mask.to(self.device))
             (loss / cfg.grad_accum).backward()
             totals["loss"] += loss.item() / cfg.grad_accum
             for key, value in parts.items():
                 totals[key] += value.item() / cfg.grad_accum
+        average_gradients(model.parameters(), self.ranks)
         grad_norm = float(clipped_step(self.optimizer, cfg.grad_clip))
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)

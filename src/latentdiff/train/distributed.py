@@ -15,20 +15,26 @@ what one process with a batch of ``batch_size x ranks`` learns, up to float roun
 Backends: ``gloo`` when the networks run on the CPU, ``nccl`` on CUDA (one GPU per rank,
 ``cuda:LOCAL_RANK``). Only rank 0 writes logs, sample grids, checkpoints and exports; a
 single-process run never touches :mod:`torch.distributed`.
+
+What depends on the whole batch is computed over the global batch: the CLIP trainer's
+contrastive loss gathers every rank's embeddings (:func:`gather_with_grad`), the VAE
+discriminator's BatchNorm takes global statistics (:class:`GlobalBatchNorm2d`), and the VAE's
+adaptive GAN weight uses the all-reduced gradients (:func:`all_reduce_mean_tensor`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..eval.distributed import DistInfo, device_for_rank, dist_info
 
 __all__ = [
-    "DistInfo", "all_reduce_mean", "average_gradients", "barrier", "broadcast_parameters", "join_world",
-    "rank_slice", "refuse_distributed",
+    "DistInfo", "GlobalBatchNorm2d", "all_reduce_mean", "all_reduce_mean_tensor", "average_gradients", "barrier",
+    "broadcast_parameters", "gather_with_grad", "globalise_batch_norms", "join_world", "rank_slice",
 ]
 
 
@@ -54,18 +60,6 @@ def join_world(device: torch.device | str) -> DistInfo:
 def training_device(device: str, info: DistInfo) -> str:
     """A config's device on this rank: plain ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun."""
     return device_for_rank(device, info)
-
-
-def refuse_distributed(kind: str) -> None:
-    """Raise for a trainer that has no data-parallel mode, instead of running independent copies."""
-    info = dist_info()
-    if info.distributed:
-        from .config import TrainConfigError
-
-        raise TrainConfigError(
-            f"train {kind} runs in one process only (WORLD_SIZE={info.world_size}); data-parallel training "
-            "covers unet, lora, embedding and lcm"
-        )
 
 
 def rank_slice(items: list[int], info: DistInfo) -> tuple[list[int], int]:
@@ -101,6 +95,42 @@ def average_gradients(parameters: Iterable[nn.Parameter], info: DistInfo) -> Non
         offset += n
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather forward; backward: the sum over ranks of the gradient of this rank's slice.
+
+    (``torch.distributed.nn.functional.all_gather`` gets this wrong over gloo when the incoming
+    gradients are not contiguous: its all-to-all fills ``empty_like`` buffers of their strides.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(tensor) for _ in range(ctx.world)]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.chunk(ctx.world)[ctx.rank]
+
+
+def gather_with_grad(tensor: Tensor, info: DistInfo) -> Tensor:
+    """Every rank's ``tensor`` (B, ...) concatenated in rank order (R * B, ...), differentiable.
+
+    Each rank then computes the same global loss; the backward sums every rank's gradient of
+    this rank's slice, so :func:`average_gradients` afterwards gives exactly one process's gradient.
+    """
+    if not info.distributed:
+        return tensor
+    return _GatherWithGrad.apply(tensor.contiguous())
+
+
 def broadcast_parameters(modules: Mapping[str, nn.Module], info: DistInfo) -> None:
     """Rank 0's parameters and buffers on every rank (they start equal anyway; this makes sure)."""
     if not info.distributed:
@@ -132,3 +162,62 @@ def barrier(info: DistInfo) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def all_reduce_mean_tensor(tensor: Tensor, info: DistInfo) -> Tensor:
+    """The mean over the ranks of ``tensor`` (a new tensor; ``tensor`` itself in a single process)."""
+    if not info.distributed:
+        return tensor
+    import torch.distributed as dist
+
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / info.world_size
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch (all ranks' inputs),
+    differentiable through the all-reduce: what one process with the whole batch computes.
+
+    ``torch.nn.SyncBatchNorm`` needs a GPU; this works over gloo on the CPU too.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and torch.distributed.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)),
+                           xf.new_tensor([x.numel() / c])])  # (2c + 1,): sums, sums of squares, count
+        total = all_reduce(local)
+        count = total[-1]
+        mean = total[:c] / count  # (c,)
+        var = (total[c : 2 * c] / count - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * count / (count - 1).clamp(min=1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def globalise_batch_norms(module: nn.Module, info: DistInfo) -> nn.Module:
+    """Swap every BatchNorm2d of ``module`` for a :class:`GlobalBatchNorm2d` (same state) under torchrun."""
+    if not info.distributed:
+        return module
+    for name, child in list(module.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                            child.track_running_stats).to(next(child.buffers()).device)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            globalise_batch_norms(child, info)
+    return module

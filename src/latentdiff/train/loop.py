@@ -37,7 +37,8 @@ from ..checkpoints.io import atomic_path
 from .checkpoint import FORMAT, TrainCheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
 from .data import EpochOrder, load_batch
-from .distributed import DistInfo, all_reduce_mean, barrier
+from .distributed import DistInfo, all_reduce_mean, barrier, rank_slice
+from .draws import sample_ids
 from .ema import EMA
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -49,16 +50,26 @@ _RESUMABLE_CHANGES = {
 }
 
 
-def average_over_image_batches(task: "TrainTask", micro_step: Callable[[Tensor], dict[str, float]]) -> dict[str, float]:
-    """Run ``micro_step(images)`` on ``grad_accum`` micro-batches of ``task.source`` (the next
-    ``batch_size`` items of ``task.order`` each, on ``task.device``); the terms averaged."""
+def average_over_image_batches(task: "TrainTask", step: int,
+                               micro_step: Callable[[Tensor, list[int]], dict[str, float]]) -> dict[str, float]:
+    """Run ``micro_step(images, sample_ids)`` on this rank's part of each micro-batch of ``step``
+    (images of ``task.source`` on ``task.device``); the terms averaged over the micro-batches."""
     accum = task.config.grad_accum
     totals: dict[str, float] = defaultdict(float)
-    for _ in range(accum):
-        images, _ = load_batch(task.source, task.order.next(task.config.batch_size))  # type: ignore[attr-defined]
-        for key, value in micro_step(images.to(task.device)).items():  # type: ignore[attr-defined]
+    for batch in task.micro_batches(step):
+        images, _ = load_batch(task.source, batch.mine)  # type: ignore[attr-defined]
+        for key, value in micro_step(images.to(task.device), batch.ids).items():  # type: ignore[attr-defined]
             totals[key] += value / accum
     return totals
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of a step (see :meth:`TrainTask.micro_batches`)."""
+
+    items: list[int]  # the whole global batch (data indices), the same on every rank
+    mine: list[int]  # this rank's slice of it
+    ids: list[int]  # the slice's global sample indices (the key of every per-sample draw)
 
 
 class TrainTask:
@@ -77,6 +88,18 @@ class TrainTask:
     def train_step(self, step: int) -> dict[str, float]:
         """Take optimizer step number ``step`` (0-based); return loss terms and "lr"."""
         raise NotImplementedError
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """The ``grad_accum`` micro-batches of ``step``: each a global batch of ``batch_size x ranks``
+        items from ``order``, this rank's slice of it, and the slice's global sample indices."""
+        cfg = self.config
+        global_batch = cfg.batch_size * self.ranks.world_size
+        out = []
+        for micro in range(cfg.grad_accum):
+            items = self.order.next(global_batch)
+            mine, start = rank_slice(items, self.ranks)
+            out.append(MicroBatch(items, mine, sample_ids(step, micro, cfg.grad_accum, global_batch, start, len(mine))))
+        return out
 
     def write_samples(self, step: int, path: Path) -> None:
         """Write a preview grid PNG to ``path``; must not touch training state or generators."""

@@ -18,6 +18,8 @@ Also ``clip_loss``, the CLIP trainer's loss: symmetric InfoNCE with per-image ha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,13 +57,17 @@ def disc_factor(step: int, start: int) -> float:
     return 1.0 if step >= start else 0.0
 
 
-def adaptive_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
+def adaptive_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4,
+                    reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """||d rec / d W|| / (||d gan / d W|| + 1e-4), clamped to [0, max_weight], detached.
 
     ``last_layer`` is the decoder's final conv weight; both losses must still hold their graph.
+    ``reduce`` (data-parallel runs) turns each rank's gradient into the global batch's, before the norms.
     """
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    if reduce is not None:
+        rec_grad, gan_grad = reduce(rec_grad), reduce(gan_grad)
     weight = rec_grad.norm() / (gan_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 

@@ -34,7 +34,7 @@ from ..models.vae import AutoencoderKL
 from .build import load_vae, model_config, resolve_device, seeded
 from .config import TrainConfig, TrainConfigError
 from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
-from .distributed import refuse_distributed
+from .distributed import average_gradients, broadcast_parameters, join_world, training_device
 from .ema import EMA
 from .grid import save_grid
 from .loop import TrainResult, TrainTask, average_over_image_batches, run_training
@@ -100,9 +100,9 @@ class TAESDTrainer(TrainTask):
         student: TinyAutoencoder | None = None,
     ) -> None:
         config.validate()
-        refuse_distributed("taesd")
         self.config = cfg = config
-        self.device = resolve_device(cfg.device)
+        self.ranks = join_world(resolve_device(cfg.device))
+        self.device = resolve_device(training_device(cfg.device, self.ranks))
         self.source = source if source is not None else open_source(
             cfg.data, cfg.resolution, cfg.world_seed, cfg.world_length
         )
@@ -122,6 +122,7 @@ class TAESDTrainer(TrainTask):
         self.emas = {"taesd": EMA(self.taesd, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power)} if cfg.ema_decay > 0 else {}
         self.generators = {}
         self.order = EpochOrder(len(self.source), cfg.seed)
+        broadcast_parameters(self.modules, self.ranks)
 
     @property
     def export_name(self) -> str:
@@ -151,7 +152,8 @@ class TAESDTrainer(TrainTask):
         cfg = self.config
         lr = cfg.lr_at(step)
         set_lr(self.optimizers["taesd"], lr)
-        totals = average_over_image_batches(self, lambda images: self._micro_step(images, cfg.grad_accum))
+        totals = average_over_image_batches(self, step, lambda images, ids: self._micro_step(images, cfg.grad_accum))
+        average_gradients(self.taesd.parameters(), self.ranks)
         totals["grad_norm"] = float(clipped_step(self.optimizers["taesd"], cfg.grad_clip))
         for ema in self.emas.values():
             ema.update(self.taesd)

@@ -61,8 +61,8 @@ from .build import load_vae, resolve_device, seeded, unet_config
 from .buckets import BucketOrder, bucket_sizes
 from .config import TrainConfigError, UNetTrainConfig
 from .data import EpochOrder, ImageCaptionSource, TrainDataError, open_source
-from .distributed import average_gradients, broadcast_parameters, join_world, rank_slice, training_device
-from .draws import DIFFUSION, sample_ids, stacked
+from .distributed import average_gradients, broadcast_parameters, join_world, training_device
+from .draws import DIFFUSION, stacked
 from .ema import EMA
 from .grid import save_grid
 from .latent_cache import LatentCache, cache_key, open_latent_cache
@@ -268,16 +268,6 @@ class DiffusionTrainer(TrainTask):
         return self.encode_text(texts)
 
     # ------------------------------------------------------------------ one step
-    def micro_batches(self, step: int) -> list[tuple[list[int], list[int]]]:
-        """(data indices, global sample ids) of this rank's part of each micro-batch of ``step``."""
-        cfg = self.config
-        global_batch = cfg.batch_size * self.ranks.world_size
-        out = []
-        for micro in range(cfg.grad_accum):
-            mine, start = rank_slice(self.order.next(global_batch), self.ranks)
-            out.append((mine, sample_ids(step, micro, cfg.grad_accum, global_batch, start, len(mine))))
-        return out
-
     def captions_of(self, indices: list[int], ids: list[int]) -> list[str]:
         """The captions trained on for data items ``indices`` (samples ``ids``)."""
         return [self.captions[i] for i in indices]
@@ -307,7 +297,7 @@ class DiffusionTrainer(TrainTask):
         for opt in self.optimizers.values():
             for group in opt.param_groups:  # a group may carry its own base rate ("base_lr")
                 group["lr"] = cfg.lr_at(step, group.get("base_lr", cfg.lr))
-        loss = sum(self._micro_step(indices, ids, cfg.grad_accum) for indices, ids in self.micro_batches(step))
+        loss = sum(self._micro_step(b.mine, b.ids, cfg.grad_accum) for b in self.micro_batches(step))
         average_gradients(self.trained_parameters(), self.ranks)
         (opt,) = self.optimizers.values()
         grad_norm = float(clipped_step(opt, cfg.grad_clip))

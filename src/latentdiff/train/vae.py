@@ -31,7 +31,10 @@ from ..models.vae import AutoencoderKL
 from .build import fresh_vae, load_vae, resolve_device
 from .config import VAETrainConfig
 from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
-from .distributed import refuse_distributed
+from .distributed import (
+    all_reduce_mean_tensor, average_gradients, broadcast_parameters, globalise_batch_norms, join_world, training_device,
+)
+from .draws import POSTERIOR, sample_generator
 from .ema import EMA
 from .grid import save_grid
 from .loop import TrainResult, TrainTask, average_over_image_batches, run_training
@@ -55,9 +58,9 @@ class VAETrainer(TrainTask):
         vae: AutoencoderKL | None = None,
     ) -> None:
         config.validate()
-        refuse_distributed("vae")
         self.config = cfg = config
-        self.device = resolve_device(cfg.device)
+        self.ranks = join_world(resolve_device(cfg.device))
+        self.device = resolve_device(training_device(cfg.device, self.ranks))
         self.source = source if source is not None else open_source(
             cfg.data, cfg.resolution, cfg.world_seed, cfg.world_length
         )
@@ -74,10 +77,10 @@ class VAETrainer(TrainTask):
                 if frozen is not None:
                     frozen.requires_grad_(False)
         self.vae.set_gradient_checkpointing(cfg.gradient_checkpointing)
-        self.disc = NLayerDiscriminator(
+        self.disc = globalise_batch_norms(NLayerDiscriminator(  # batch statistics over all ranks
             vae.config.out_channels, cfg.disc_channels, cfg.disc_layers,
             generator=torch.Generator().manual_seed(cfg.seed + 1),
-        ).to(self.device)
+        ).to(self.device), self.ranks)
         self.lpips = (
             LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_lin).to(self.device)  # type: ignore[arg-type]
             if cfg.perceptual_weight > 0 else None
@@ -89,22 +92,22 @@ class VAETrainer(TrainTask):
             "discriminator": make_adamw(self.disc.parameters(), cfg.disc_lr or cfg.lr, betas, cfg.weight_decay),
         }
         self.emas = {"vae": EMA(self.vae, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power)} if cfg.ema_decay > 0 else {}
-        self.noise = torch.Generator().manual_seed(cfg.seed + 2)  # posterior samples
-        self.generators = {"noise": self.noise}
+        self.generators: dict[str, torch.Generator] = {}  # posterior samples: per-sample draws (draws.py)
         self.order = EpochOrder(len(self.source), cfg.seed)
+        broadcast_parameters(self.modules, self.ranks)
 
     @property
     def export_name(self) -> str:
         return "vae"
 
     # ------------------------------------------------------------------ one step
-    def _micro_step(self, images: Tensor, factor: float, accum: int) -> dict[str, float]:
+    def _micro_step(self, images: Tensor, ids: list[int], factor: float, accum: int) -> dict[str, float]:
         cfg, vae, disc = self.config, self.vae, self.disc
         batch = images.shape[0]
         disc.requires_grad_(False)  # the generator loss must not train the discriminator
+        noise = [sample_generator(cfg.seed, POSTERIOR, n) for n in ids] if cfg.sample_posterior else None
         with autocast(self.device, cfg.bf16):
-            out = vae(images, generator=self.noise if cfg.sample_posterior else None,
-                      sample_posterior=cfg.sample_posterior)
+            out = vae(images, generator=noise, sample_posterior=cfg.sample_posterior)
         recon = out.sample.float()  # (B, 3, H, W)
         abs_err = (images - recon).abs()
         rec = l1_error(images, recon, cfg.l1_tolerance)
@@ -119,7 +122,8 @@ class VAETrainer(TrainTask):
             with autocast(self.device, cfg.bf16):
                 logits_fake = disc(recon)
             g_loss = generator_adv_loss(logits_fake.float())
-            d_weight = adaptive_weight(nll, g_loss, vae.decoder.conv_out.weight) * cfg.disc_weight
+            d_weight = adaptive_weight(nll, g_loss, vae.decoder.conv_out.weight,
+                                       reduce=lambda g: all_reduce_mean_tensor(g, self.ranks)) * cfg.disc_weight
         else:
             g_loss = d_weight = torch.zeros((), device=self.device)
         loss = nll + cfg.kl_weight * kl + d_weight * factor * g_loss
@@ -144,7 +148,9 @@ class VAETrainer(TrainTask):
         set_lr(self.optimizers["vae"], lr)
         set_lr(self.optimizers["discriminator"], cfg.lr_at(step, cfg.disc_lr or cfg.lr))
         factor = disc_factor(step, cfg.disc_start)
-        totals = average_over_image_batches(self, lambda images: self._micro_step(images, factor, cfg.grad_accum))
+        totals = average_over_image_batches(
+            self, step, lambda images, ids: self._micro_step(images, ids, factor, cfg.grad_accum))
+        average_gradients([*self.vae.parameters(), *self.disc.parameters()], self.ranks)
         totals["grad_norm"] = float(clipped_step(self.optimizers["vae"], cfg.grad_clip))
         clipped_step(self.optimizers["discriminator"], cfg.grad_clip)
         for ema in self.emas.values():
