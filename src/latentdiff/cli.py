@@ -10,10 +10,11 @@
                         [--fill edge|noise] [--feather 8] ...
     latentdiff samplers
     latentdiff vae      IMAGE [--model M] [--size 256] [--out FILE]
+    latentdiff explain  PROMPT [--model M] [--steps 20] [--guidance 7.5] [--seed 0] [--out explain.png]
     latentdiff eval     --prompts FILE|builtin --guidance 1,3,7.5 [--samplers ddim:20,euler_a:20]
                         [--images-per-prompt N] [--n-prompts K] [--model M] [--reference DIR|STATS.npz]
                         [--features clip|inception:PATH] [--clip DIR] --out DIR
-    latentdiff train    vae|unet ...
+    latentdiff train    vae|clip|unet|lora|embedding|lcm|taesd|builtin ...
 
 Bad input (a latentdiff.UserError: a bad argument, file or model, or work over the memory
 budget) prints one line and exits with status 2; any other exception is a bug and keeps
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     samplers = commands.add_parser("samplers", help="list the samplers")
     samplers.set_defaults(func=run_samplers)
     _add_vae_parser(commands)
+    _add_explain_parser(commands)
     _add_eval_parser(commands)
     _add_serve_parser(commands)
     try:
@@ -224,6 +226,34 @@ def _add_vae_parser(commands) -> None:
     p.add_argument("--out", help="output PNG (default: IMAGE-vae.png beside the image)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run_vae)
+
+
+def _add_explain_parser(commands) -> None:
+    p = commands.add_parser("explain", help="per-word cross-attention maps of a generation, and its x0 across the steps")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="pipeline folder or single-file checkpoint (default: the built-in model)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--sampler", default="ddim", help="sampler (default ddim)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, help="image side (default: the model's native size)")
+    p.add_argument("--out", default="explain.png", help="output PNG (default explain.png)")
+    p.set_defaults(func=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    import latentdiff
+
+    pipe = latentdiff.load(args.model) if args.model else latentdiff.load()
+    size = {"width": args.size, "height": args.size} if args.size else {}
+    result = pipe.attention_maps(args.prompt, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                                 seed=args.seed, **size)
+    path = result.save(args.out)
+    for i, word in enumerate(result.words):
+        x, y = result.peak(i)
+        print(f"{word:>12}  peak at ({x}, {y})")
+    print(path)
+    return 0
 
 
 def _add_eval_parser(commands) -> None:

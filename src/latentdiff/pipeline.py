@@ -120,6 +120,13 @@ class Pipeline:
 
         return encode_chunks(encode, chunks, embed_tokens)
 
+    def attention_maps(self, prompt: str, **fields: Any) -> Any:
+        """Generate ``prompt`` (txt2img options by name) and return its per-word cross-attention maps
+        and step-by-step x0 (:class:`latentdiff.explain.Explanation`)."""
+        from .explain import attention_maps
+
+        return attention_maps(self, prompt, **fields)
+
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
         """Load a textual-inversion embedding (A1111 ``.pt``/``.safetensors``, diffusers
         ``learned_embeds``); returns its trigger name (``token``, default the file stem).
