@@ -15,6 +15,10 @@ and export its model. :func:`run_training` does the rest, identically for all:
 ``resume=True`` loads ``checkpoint.pt`` (weights, optimizers, EMAs, data position,
 every RNG state, step counter), drops log rows written after it, and continues:
 N steps in one run and N/2 + resume + N/2 give bitwise-identical weights on a CPU.
+A checkpoint write the system refuses (a full disk) stops the run with a
+:class:`~latentdiff.train.checkpoint.TrainCheckpointError` naming the reason and the
+step still on disk. Under torchrun every rank steps and only rank 0 writes
+(:mod:`latentdiff.train.distributed`); the logged values are the ranks' means.
 """
 
 from __future__ import annotations
