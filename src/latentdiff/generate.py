@@ -58,6 +58,7 @@ from .adapters.prompt_loras import applied, strip_tags
 from .errors import BadArgument
 from .models.layers import guidance_scale_embedding
 from .models.taesd import Autoencoder, TinyAutoencoder, TinyLatents
+from .models.vq import VQModel
 from .models.vae import DiagonalGaussian
 from .samplers import vp_denoiser
 from .schedule import SigmaPlan
@@ -110,7 +111,7 @@ def draw_noise(shape: tuple[int, ...], generators: Sequence[torch.Generator]) ->
 def initial_noise(pipe: Pipeline, settings: Settings, generators: Sequence[torch.Generator]) -> Tensor:
     """The start noise (B, C, h, w) float32 on the pipeline's device, variation seeds applied."""
     h, w = settings.height // pipe.vae_factor, settings.width // pipe.vae_factor
-    noise = draw_noise((settings.batch, pipe.vae.config.latent_channels, h, w), generators)
+    noise = draw_noise((settings.batch, pipe.vae.latent_channels, h, w), generators)
     return variation_noise(noise, settings).to(pipe.device)
 
 
@@ -337,7 +338,7 @@ def start_latents(pipe: Pipeline, settings: Settings, latents: Tensor | None,
     if latents is None:
         return initial_noise(pipe, settings, generators)
     h, w = settings.height // pipe.vae_factor, settings.width // pipe.vae_factor
-    shape = (settings.batch, pipe.vae.config.latent_channels, h, w)
+    shape = (settings.batch, pipe.vae.latent_channels, h, w)
     if not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
         got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
         raise BadArgument(f"latents must be a tensor of shape {shape}, got {got}")
@@ -401,7 +402,7 @@ def image_latents_for(pipe: Pipeline, settings: Settings, image: Image.Image | S
     batch = settings.batch
     h, w = settings.height // pipe.vae_factor, settings.width // pipe.vae_factor
     if isinstance(image, Tensor):
-        shape = (pipe.vae.config.latent_channels, h, w)
+        shape = (pipe.vae.latent_channels, h, w)
         if image.ndim != 4 or tuple(image.shape[1:]) != shape or image.shape[0] not in (1, batch):
             raise BadArgument(f"latents given as image must have shape (1 or {batch}, {shape[0]}, {h}, {w}), "
                               f"got {tuple(image.shape)}")
@@ -476,8 +477,8 @@ def inpaint(pipe: Pipeline, settings: Settings, image: Image.Image, mask: Image.
                              cache_interval=settings.cache_interval)
         latents = denoise(pipe, settings, plan, x, model, generators, callback)
     else:
-        if not isinstance(vae, TinyAutoencoder):  # diffusers' tiny encoder draws nothing either
-            skip_posterior_draw((pipe.vae.config.latent_channels, h, w), vae_dtype(vae), generators)
+        if not isinstance(vae, (TinyAutoencoder, VQModel)):  # diffusers' tiny and VQ encoders draw nothing either
+            skip_posterior_draw((pipe.vae.latent_channels, h, w), vae_dtype(vae), generators)
         model = guided_model(pipe, conditioning, settings.guidance_scale, cache_interval=settings.cache_interval)
         known = KnownRegion(image_latents, 1 - repaint_latent, noise)
         latents = denoise(pipe, settings, plan, x, model, generators, callback, known=known)

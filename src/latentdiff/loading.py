@@ -26,6 +26,7 @@ from .models.clip import normalize_text_encoder_keys
 from .models.tokenizer import CLIPTokenizer
 from .checkpoints import taesd_files
 from .models.taesd import TinyAutoencoder
+from .models.vq import VQModel
 from .models.vae import AutoencoderKL, VAEConfig
 from .pipeline import PREVIEW_FOLDER, Pipeline
 from .speed.dtype import DTYPES, choose_dtype
@@ -101,7 +102,7 @@ def load(
         raise CheckpointError(f"no such model file or folder: {path}")
     if vae is not None:
         new_vae = load_component(vae, device=device, dtype=dtype)
-        if not isinstance(new_vae, (AutoencoderKL, TinyAutoencoder)):
+        if not isinstance(new_vae, (AutoencoderKL, TinyAutoencoder, VQModel)):
             raise CheckpointError(f"{vae} is not a VAE")
         pipe.vae = new_vae
     if preview_vae is None and path.is_dir() and (path / PREVIEW_FOLDER / "config.json").is_file():
@@ -252,7 +253,7 @@ def load_vae(model: str | Path | None = None, device: torch.device | str = "cpu"
         vae = _load_lone_vae_file(path, device, dtype, whole_checkpoint=True)
     else:
         vae = load_component(path, device=device, dtype=dtype)
-    if not isinstance(vae, (AutoencoderKL, TinyAutoencoder)):
+    if not isinstance(vae, (AutoencoderKL, TinyAutoencoder, VQModel)):
         raise CheckpointError(f"{path} is a {type(vae).__name__}, not a VAE")
     return vae.eval()
 

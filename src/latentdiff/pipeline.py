@@ -30,6 +30,7 @@ from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DCondition
 from .models.taesd import TinyAutoencoder
 from .models.vae import AutoencoderKL
+from .models.vq import VQModel
 from .prompts import encode_chunks, tokenize_weighted
 from .settings import GenerationOptions, Settings, resolve
 from .schedule import ScheduleConfig
@@ -45,7 +46,7 @@ class Pipeline:
     """A loaded Stable Diffusion model (see :func:`latentdiff.load`)."""
 
     unet: UNet2DCondition
-    vae: AutoencoderKL | TinyAutoencoder  # TinyAutoencoder: TAESD (e.g. ``latentdiff.load(..., vae=taesd)``)
+    vae: AutoencoderKL | TinyAutoencoder | VQModel  # TAESD (``latentdiff.load(..., vae=taesd)``) or a VQ-GAN
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -279,9 +280,9 @@ class Pipeline:
         """
         path = Path(path)
         if path.suffix.lower() == ".safetensors":
-            if isinstance(self.vae, TinyAutoencoder):
-                raise BadArgument("an original single file holds an AutoencoderKL, not this pipeline's tiny "
-                                  "autoencoder (TAESD): save to a folder instead")
+            if not isinstance(self.vae, AutoencoderKL):
+                raise BadArgument(f"an original single file holds an AutoencoderKL, not this pipeline's "
+                                  f"{type(self.vae).__name__}: save to a folder instead")
             merged = single_file.merge_to_single_file(
                 self.unet.state_dict(), self.vae.state_dict(), self.text_encoder.state_dict(),
                 self.unet.config, self.vae.config,

@@ -30,6 +30,7 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.taesd import TAESDConfig, TinyAutoencoder
 from ..models.unet import UNet2DCondition, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
+from ..models.vq import VQConfig, VQModel
 from .errors import CheckpointError
 from .io import StateDict, load_strict, read_state_dict, trace_sources, write_safetensors
 
@@ -53,6 +54,8 @@ KINDS: dict[str, ComponentKind] = {
     "vae": ComponentKind("vae", VAEConfig, AutoencoderKL, "diffusion_pytorch_model", "diffusion_pytorch_model", "diffusers"),
     "text_encoder": ComponentKind("text_encoder", CLIPTextConfig, CLIPTextModel, "model", "pytorch_model", "transformers"),
 }
+#: A ``vae/`` (or lone) folder holding diffusers' ``VQModel`` (a VQ-GAN) instead of an AutoencoderKL.
+VQ_VAE = ComponentKind("vae", VQConfig, VQModel, "diffusion_pytorch_model", "diffusion_pytorch_model", "diffusers")
 #: A ``vae/`` (or lone) folder holding diffusers' ``AutoencoderTiny`` (TAESD) instead of an AutoencoderKL.
 TINY_VAE = ComponentKind("vae", TAESDConfig, TinyAutoencoder, "diffusion_pytorch_model", "diffusion_pytorch_model",
                          "diffusers")
@@ -68,11 +71,13 @@ def kind_of_config(config: dict[str, Any], where: Path) -> ComponentKind:
         return KINDS["vae"]
     if class_name == "AutoencoderTiny":
         return TINY_VAE
+    if class_name == "VQModel":
+        return VQ_VAE
     if "CLIPTextModel" in architectures or config.get("model_type") == "clip_text_model":
         return KINDS["text_encoder"]
     found = class_name or ", ".join(architectures) or config.get("model_type") or "nothing"
     raise CheckpointError(
-        f"{where}: config describes {found!r}; latentdiff loads UNet2DConditionModel, AutoencoderKL, AutoencoderTiny and CLIPTextModel"
+        f"{where}: config describes {found!r}; latentdiff loads UNet2DConditionModel, AutoencoderKL, AutoencoderTiny, VQModel and CLIPTextModel"
     )
 
 

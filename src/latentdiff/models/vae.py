@@ -258,9 +258,9 @@ def _run(module: nn.Module, x: Tensor, use_checkpoint: bool) -> Tensor:
 
 
 class Encoder(nn.Module):
-    """Image (B, in, H, W) -> moments (B, 2 * latent, H/f, W/f)."""
+    """Image (B, in, H, W) -> moments (B, 2 * latent, H/f, W/f) (``double_z``), or latents (B, latent, H/f, W/f)."""
 
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, cfg: VAEConfig, double_z: bool = True) -> None:
         super().__init__()
         ch, groups, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
         self.gradient_checkpointing = False
@@ -271,7 +271,7 @@ class Encoder(nn.Module):
         )
         self.mid_block = MidBlock2D(ch[-1], groups, cfg.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=_EPS)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], (2 if double_z else 1) * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_in(x)
