@@ -17,7 +17,7 @@ from torch import nn
 
 import latentdiff
 from conftest import assert_rel_close
-from latentdiff.models.taesd import MissingHalf, TAESDConfig, TinyAutoencoder, TinyLatents, preview
+from latentdiff.models.taesd import TAESDConfig, TinyAutoencoder, TinyLatents, preview
 from test_generate import (PROMPTS, SEED, SIZE, assert_images_match, assert_latents_match, generators,
                            with_scheduler)
 

@@ -127,23 +127,32 @@ def vae_files(run: Path) -> tuple[dict, dict]:
     return load_file(run / "vae" / "diffusion_pytorch_model.safetensors"), load_checkpoint(run / "checkpoint.pt")
 
 
-def test_vae_with_gan_and_posterior_samples_is_world_size_invariant(setup: Path) -> None:
+@pytest.mark.parametrize("regularization", ["kl", "vq"])
+def test_vae_with_gan_and_posterior_samples_is_world_size_invariant(setup: Path, regularization: str) -> None:
     """The discriminator's BatchNorm takes global-batch statistics and the adaptive GAN weight the
-    all-reduced gradients, so the VAE trainer splits over ranks too (GAN on from step 0)."""
+    all-reduced gradients, so the VAE trainer splits over ranks too (GAN on from step 0); a VQ-GAN's
+    EMA codebook and dead-code restarts see the whole global batch in one process's order."""
     vae = dict(pretrained=None, model="tiny", max_steps=3, disc_start=0, disc_layers=2, disc_channels=8,
-               sample_posterior=True, export=True, caption_dropout=None, noise_offset=None, sample_steps=None)
-    launch(setup, "vae", write_config(setup, "vae4", batch_size=4, **vae), setup / "vae-one", 1)
-    launch(setup, "vae", write_config(setup, "vae2", batch_size=2, **vae), setup / "vae-two", 2)
-    (a, ca), (b, cb) = vae_files(setup / "vae-one"), vae_files(setup / "vae-two")
+               sample_posterior=True, export=True, caption_dropout=None, noise_offset=None, sample_steps=None,
+               regularization=regularization)
+    if regularization == "vq":
+        vae.update(num_codes=16, code_dim=3, codebook_update="ema", dead_code_steps=1)
+    one, two = setup / f"{regularization}-one", setup / f"{regularization}-two"
+    launch(setup, "vae", write_config(setup, f"{regularization}4", batch_size=4, **vae), one, 1)
+    launch(setup, "vae", write_config(setup, f"{regularization}2", batch_size=2, **vae), two, 2)
+    (a, ca), (b, cb) = vae_files(one), vae_files(two)
     init = {k: ca["modules"]["vae"][k] * 0 for k in a}  # updates relative to the weights' own size
     assert relative_update_difference(a, b, init) < 1e-5
     da, db = ca["modules"]["discriminator"], cb["modules"]["discriminator"]
     for key in da:  # BatchNorm running statistics and weights, as one process computes them
         torch.testing.assert_close(da[key].float(), db[key].float(), rtol=1e-3, atol=1e-5)
-    with (setup / "vae-one" / "log.csv").open() as f, (setup / "vae-two" / "log.csv").open() as g:
-        one, two = list(csv.DictReader(f)), list(csv.DictReader(g))
-    for key in ("loss", "d_loss", "d_weight", "kl"):
-        assert [float(r[key]) for r in two] == pytest.approx([float(r[key]) for r in one], rel=1e-4)
+    with (one / "log.csv").open() as f, (two / "log.csv").open() as g:
+        rows_one, rows_two = list(csv.DictReader(f)), list(csv.DictReader(g))
+    keys = ("loss", "d_loss", "d_weight") + (("vq_loss", "perplexity", "restarts") if regularization == "vq" else ("kl",))
+    for key in keys:
+        assert [float(r[key]) for r in rows_two] == pytest.approx([float(r[key]) for r in rows_one], rel=1e-4)
+    if regularization == "vq":
+        assert sum(float(r["restarts"]) for r in rows_one) > 0
 
 
 def test_clip_contrastive_loss_spans_the_ranks(tmp_path: Path) -> None:

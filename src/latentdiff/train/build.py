@@ -7,6 +7,7 @@ run's seed: the draw is reproducible, and the caller's global RNG is left as it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import torch
 
 from ..models.config import ModelConfig
 from ..models.unet import UNetConfig
+from ..jsonfile import read_json_object
 from ..models.vae import AutoencoderKL, VAEConfig
+from ..models.vq import VQConfig, VQModel
 
 
 @contextlib.contextmanager
@@ -43,6 +46,21 @@ def fresh_vae(spec: str, seed: int) -> AutoencoderKL:
     config = model_config(spec, VAEConfig)
     with seeded(seed):
         return AutoencoderKL(config)  # type: ignore[arg-type]
+
+
+def fresh_vq(spec: str, seed: int, num_codes: int, code_dim: int | None) -> VQModel:
+    """A randomly initialised VQ autoencoder: a ``VQModel`` config.json, or a VAE preset / config
+    (its encoder and decoder layout) with a codebook of ``num_codes`` vectors of width ``code_dim``."""
+    path = Path(spec)
+    if path.is_file() and read_json_object(path).get("_class_name") == "VQModel":
+        config = VQConfig.load(path)
+    else:
+        layout = model_config(spec, VAEConfig)
+        shared = {f.name: getattr(layout, f.name) for f in dataclasses.fields(VQConfig) if hasattr(layout, f.name)}
+        config = VQConfig(**{**shared, "num_vq_embeddings": num_codes, "vq_embed_dim": code_dim,
+                             "force_upcast": False})
+    with seeded(seed):
+        return VQModel(config)
 
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKL:

@@ -215,9 +215,26 @@ class VAETrainConfig(TrainConfig):
     lpips_vgg: str | None = None  # torchvision VGG16 state dict (features.* keys)
     lpips_lin: str | None = None  # lpips package's vgg.pth (lin0..lin4 heads)
     num_sample_images: int = 8  # originals | reconstructions grid
+    # ---- regularisation: "kl" (SD's) or "vq" (a VQ-GAN: codebook in the decoder, see train/codebook.py) ----
+    regularization: str = "kl"
+    num_codes: int = 8192  # codebook size
+    code_dim: int | None = None  # codebook vectors' width (the latents a UNet sees); default latent_channels
+    commitment_weight: float = 0.25  # beta
+    codebook_update: str = "loss"  # "loss" (gradient of the codebook term) or "ema" (running means)
+    codebook_ema_decay: float = 0.99
+    dead_code_steps: int = 0  # > 0: restart a code no latent picked for this many steps; 0: never
 
     def validate(self) -> None:
         super().validate()
+        if self.regularization not in ("kl", "vq"):
+            raise TrainConfigError(f"regularization must be 'kl' or 'vq', got {self.regularization!r}")
+        if self.num_codes < 1 or (self.code_dim is not None and self.code_dim < 1) or self.dead_code_steps < 0:
+            raise TrainConfigError(f"num_codes and code_dim must be >= 1 and dead_code_steps >= 0, got {self.num_codes}, "
+                                   f"{self.code_dim} and {self.dead_code_steps}")
+        if self.codebook_update not in ("loss", "ema") or not 0 < self.codebook_ema_decay < 1 or self.commitment_weight < 0:
+            raise TrainConfigError("codebook_update must be 'loss' or 'ema', codebook_ema_decay in (0, 1) and "
+                                   f"commitment_weight >= 0, got {self.codebook_update!r}, {self.codebook_ema_decay} "
+                                   f"and {self.commitment_weight}")
         if self.kl_weight < 0 or self.disc_weight < 0 or self.perceptual_weight < 0 or self.l1_tolerance < 0:
             raise TrainConfigError("kl_weight, disc_weight, perceptual_weight and l1_tolerance must be >= 0")
         if self.disc_layers < 1:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 #: streams of draws (one per use, so two uses of the same sample never share numbers)
-DIFFUSION, LCM, EMBEDDING, POSTERIOR = 1, 2, 3, 4
+DIFFUSION, LCM, EMBEDDING, POSTERIOR, CODEBOOK = 1, 2, 3, 4, 5
 
 
 def sample_generator(seed: int, stream: int, sample: int) -> torch.Generator:

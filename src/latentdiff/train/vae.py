@@ -1,4 +1,4 @@
-"""Autoencoder (AutoencoderKL) training: L1 + KL + PatchGAN hinge loss (+ LPIPS when weights are given).
+"""Autoencoder (AutoencoderKL, or VQModel) training: L1 + KL + PatchGAN hinge loss (+ LPIPS when weights are given).
 
     from latentdiff.train import VAETrainConfig, train_vae
     result = train_vae(VAETrainConfig(data="photos/", resolution=64, max_steps=2000))
@@ -15,29 +15,40 @@ optimizers on the same batch, as taming/LDM do):
 2. discriminator: ``disc_factor * hinge(D(x), D(x_hat.detach()))``.
 
 ``disc_factor`` is 0 until ``disc_start`` steps (the autoencoder first learns to
-reconstruct, then the GAN sharpens it). Not done here: LDM's learned output log-variance
+reconstruct, then the GAN sharpens it).
+
+``regularization = "vq"`` trains a VQ-GAN (:class:`~latentdiff.models.vq.VQModel`) instead: the
+KL term becomes ``commitment_weight * commitment (+ codebook)`` of the quantiser
+(:mod:`latentdiff.train.codebook`), the decoder reconstructs from the codes (straight-through
+gradient), and each step logs the codebook's perplexity, share of codes used and restarts
+(``samples/codebook.png`` plots them). Not done here: LDM's learned output log-variance
 (fixed at 0, which leaves the loss above).
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..checkpoints.diffusers_folder import save_component
+from ..checkpoints.io import atomic_path
 from ..models.vae import AutoencoderKL
-from .build import fresh_vae, load_vae, resolve_device
-from .config import VAETrainConfig
+from ..models.vq import VQModel
+from .build import fresh_vae, fresh_vq, load_vae, resolve_device
+from .codebook import CodebookState, quantisation_losses, usage
+from .config import TrainConfigError, VAETrainConfig
 from .data import EpochOrder, ImageCaptionSource, load_batch, open_source
 from .distributed import (
-    all_reduce_mean_tensor, average_gradients, broadcast_parameters, globalise_batch_norms, join_world, training_device,
+    all_reduce_mean_tensor, average_gradients, broadcast_parameters, gather_with_grad, globalise_batch_norms, join_world,
+    training_device,
 )
-from .draws import POSTERIOR, sample_generator
+from .draws import CODEBOOK, POSTERIOR, sample_generator
 from .ema import EMA
 from .grid import save_grid
-from .loop import TrainResult, TrainTask, average_over_image_batches, run_training
+from .loop import LOG_NAME, TrainResult, TrainTask, average_over_image_batches, run_training
 from .losses import (
     NLayerDiscriminator, adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss, kl_loss, l1_error,
 )
@@ -55,7 +66,7 @@ class VAETrainer(TrainTask):
         self,
         config: VAETrainConfig,
         source: ImageCaptionSource | None = None,
-        vae: AutoencoderKL | None = None,
+        vae: AutoencoderKL | VQModel | None = None,
     ) -> None:
         config.validate()
         self.config = cfg = config
@@ -64,18 +75,29 @@ class VAETrainer(TrainTask):
         self.source = source if source is not None else open_source(
             cfg.data, cfg.resolution, cfg.world_seed, cfg.world_length
         )
+        self.vq = cfg.regularization == "vq"
         if vae is None:
             if cfg.pretrained:
                 vae = load_vae(cfg.pretrained)
+            elif self.vq:
+                vae = fresh_vq(cfg.model, cfg.seed, cfg.num_codes, cfg.code_dim)
             else:
                 vae = fresh_vae(cfg.model, cfg.seed)
                 if cfg.init_logvar is not None:
                     start_with_small_variance(vae, cfg.init_logvar)
+        if isinstance(vae, VQModel) != self.vq:
+            raise TrainConfigError(f"regularization = {cfg.regularization!r} does not fit a {type(vae).__name__}")
         self.vae = vae.to(self.device, torch.float32).train().requires_grad_(True)
         if cfg.train_decoder_only:  # keep the latent space (and every UNet trained on it) unchanged
-            for frozen in (self.vae.encoder, self.vae.quant_conv):
+            for frozen in (self.vae.encoder, self.vae.quant_conv, getattr(self.vae, "quantize", None)):
                 if frozen is not None:
                     frozen.requires_grad_(False)
+        if self.vq:
+            if cfg.codebook_update == "ema":
+                self.vae.quantize.embedding.requires_grad_(False)  # moved by running means, not by gradients
+            self.codebook = CodebookState(self.vae.quantize).to(self.device)
+            self.loss_names = (*self.loss_names[:2], "vq_loss", "perplexity", "codes_used", "restarts",
+                               *self.loss_names[3:])
         self.vae.set_gradient_checkpointing(cfg.gradient_checkpointing)
         self.disc = globalise_batch_norms(NLayerDiscriminator(  # batch statistics over all ranks
             vae.config.out_channels, cfg.disc_channels, cfg.disc_layers,
@@ -87,6 +109,9 @@ class VAETrainer(TrainTask):
         )
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.modules = {"vae": self.vae, "discriminator": self.disc}
+        if self.vq:
+            self.modules["codebook"] = self.codebook
+        self._seen: list[tuple[Tensor, Tensor]] = []  # VQ: each micro-batch's (latents, codes) for the codebook update
         self.optimizers = {
             "vae": make_adamw([p for p in self.vae.parameters() if p.requires_grad], cfg.lr, betas, cfg.weight_decay),
             "discriminator": make_adamw(self.disc.parameters(), cfg.disc_lr or cfg.lr, betas, cfg.weight_decay),
@@ -105,10 +130,22 @@ class VAETrainer(TrainTask):
         cfg, vae, disc = self.config, self.vae, self.disc
         batch = images.shape[0]
         disc.requires_grad_(False)  # the generator loss must not train the discriminator
-        noise = [sample_generator(cfg.seed, POSTERIOR, n) for n in ids] if cfg.sample_posterior else None
-        with autocast(self.device, cfg.bf16):
-            out = vae(images, generator=noise, sample_posterior=cfg.sample_posterior)
-        recon = out.sample.float()  # (B, 3, H, W)
+        if self.vq:
+            with autocast(self.device, cfg.bf16):
+                h = vae._latents(images).float()  # (B, e, h, w) pre-quantisation
+                quantized = vae.quantize(h)
+                recon = vae.decoder(vae.post_quant_conv(quantized.latents)).float()  # (B, 3, H, W)
+            commitment, codebook = quantisation_losses(h, vae.quantize, quantized.indices)
+            reg = cfg.commitment_weight * commitment + (codebook if cfg.codebook_update == "loss" else 0.0)
+            e = h.shape[1]
+            self._seen.append((h.detach().permute(0, 2, 3, 1).reshape(-1, e), quantized.indices))
+        else:
+            noise = [sample_generator(cfg.seed, POSTERIOR, n) for n in ids] if cfg.sample_posterior else None
+            with autocast(self.device, cfg.bf16):
+                out = vae(images, generator=noise, sample_posterior=cfg.sample_posterior)
+            recon = out.sample.float()  # (B, 3, H, W)
+            kl = kl_loss(out.posterior).float()
+            reg = cfg.kl_weight * kl
         abs_err = (images - recon).abs()
         rec = l1_error(images, recon, cfg.l1_tolerance)
         p_loss = torch.zeros((), device=self.device)
@@ -117,7 +154,6 @@ class VAETrainer(TrainTask):
             p_loss = p.mean()
             rec = rec + cfg.perceptual_weight * p
         nll = rec.sum() / batch
-        kl = kl_loss(out.posterior).float()
         if factor > 0:
             with autocast(self.device, cfg.bf16):
                 logits_fake = disc(recon)
@@ -126,7 +162,7 @@ class VAETrainer(TrainTask):
                                        reduce=lambda g: all_reduce_mean_tensor(g, self.ranks)) * cfg.disc_weight
         else:
             g_loss = d_weight = torch.zeros((), device=self.device)
-        loss = nll + cfg.kl_weight * kl + d_weight * factor * g_loss
+        loss = nll + reg + d_weight * factor * g_loss
         (loss / accum).backward()
         disc.requires_grad_(True)
 
@@ -137,8 +173,9 @@ class VAETrainer(TrainTask):
                 logits_fake = disc(recon.detach())
             d_loss = factor * hinge_d_loss(logits_real.float(), logits_fake.float())
             (d_loss / accum).backward()
+        terms = {"vq_loss": (commitment + codebook).item()} if self.vq else {"kl": kl.item()}
         return {
-            "loss": loss.item(), "l1": abs_err.mean().item(), "kl": kl.item(), "lpips": p_loss.item(),
+            "loss": loss.item(), "l1": abs_err.mean().item(), **terms, "lpips": p_loss.item(),
             "g_loss": g_loss.item(), "d_loss": d_loss.item(), "d_weight": float(d_weight),
         }
 
@@ -153,9 +190,25 @@ class VAETrainer(TrainTask):
         average_gradients([*self.vae.parameters(), *self.disc.parameters()], self.ranks)
         totals["grad_norm"] = float(clipped_step(self.optimizers["vae"], cfg.grad_clip))
         clipped_step(self.optimizers["discriminator"], cfg.grad_clip)
+        if self.vq:
+            totals.update(self.update_codebook(step))
         for ema in self.emas.values():
             ema.update(self.vae)
         return {**totals, "lr": lr}
+
+    def update_codebook(self, step: int) -> dict[str, float]:
+        """EMA moves and dead-code restarts on the step's global batch (micro-batch by micro-batch, each
+        gathered over the ranks in rank order: the order of one process); its usage for the log."""
+        cfg = self.config
+        latents = torch.cat([gather_with_grad(h, self.ranks) for h, _ in self._seen])  # (N, e)
+        indices = torch.cat([gather_with_grad(i, self.ranks) for _, i in self._seen])  # (N,)
+        self._seen.clear()
+        restarts = self.codebook.update(
+            self.vae.quantize, latents, indices, ema=cfg.codebook_update == "ema", decay=cfg.codebook_ema_decay,
+            dead_code_steps=cfg.dead_code_steps, generator=sample_generator(cfg.seed, CODEBOOK, step),
+        )
+        perplexity, share = usage(indices, self.vae.quantize.embedding.num_embeddings)
+        return {"perplexity": perplexity, "codes_used": share, "restarts": float(restarts)}
 
     # ------------------------------------------------------------------ previews and export
     @torch.no_grad()
@@ -171,6 +224,25 @@ class VAETrainer(TrainTask):
         finally:
             model.train(was_training)
         save_grid(torch.cat([images, recon]), path, nrow=n, text={"step": str(step), "rows": "originals | reconstructions"})
+        if self.vq:
+            self._plot_codebook_usage(path.parent / "codebook.png")
+
+    def _plot_codebook_usage(self, path: Path) -> None:
+        """``samples/codebook.png``: perplexity / codebook size and the share of codes used, per logged step."""
+        from ..eval.plot import Series, line_plot
+
+        log = Path(self.config.out_dir) / LOG_NAME
+        with log.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            return
+        size = self.vae.quantize.embedding.num_embeddings
+        steps = [float(r["step"]) for r in rows]
+        series = [Series("share of codes used", steps, [float(r["codes_used"]) for r in rows]),
+                  Series(f"perplexity / {size}", steps, [float(r["perplexity"]) / size for r in rows])]
+        image = line_plot(series, "codebook usage per step", "step", "fraction of the codebook")
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
 
     def export(self, folder: Path) -> Path:
         """``folder`` = a diffusers ``vae/`` component (EMA weights when EMA is on)."""
