@@ -47,6 +47,17 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models gain nothing from more, and on a shared 2-core machine two spinning OpenMP threads
+    per process slow training runs down tenfold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_diffusers_components(tokenizer_dir: Path, unet_in_channels: int = 4) -> dict:
     """Random tiny diffusers/transformers components with SD 1.x's structure."""
     import transformers

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
-from test_train_trainers import synthetic_source, tiny_pipeline
+from test_train_trainers import synthetic_source, tiny_pipeline, write_image_folder
 
 from latentdiff.train import UNetTrainConfig, train_unet
 from latentdiff.train.checkpoint import load_checkpoint
@@ -25,12 +24,7 @@ from latentdiff.train.checkpoint import load_checkpoint
 UPDATE_RTOL = 2e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +32,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pipeline folder and a folder of 8 captioned 16 px images."""
     root = tmp_path_factory.mktemp("ddp")
     tiny_pipeline().save(root / "pipe")
-    (root / "data").mkdir()
-    source = synthetic_source()
-    for i in range(len(source)):
-        image, caption = source[i]
-        Image.fromarray(((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(root / "data" / f"{i}.png")
-        (root / "data" / f"{i}.txt").write_text(caption)
+    write_image_folder(root / "data", synthetic_source())
     return root
 
 

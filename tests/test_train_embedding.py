@@ -22,12 +22,7 @@ from latentdiff.train.loop import run_training
 TOKEN = "zqxsquare"  # a word the tiny tokenizer cuts into several tokens
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def ti_config(out: Path, base: Path, **changes) -> EmbeddingTrainConfig:

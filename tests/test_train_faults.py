@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from test_train_trainers import synthetic_source, tiny_pipeline
+from test_train_trainers import synthetic_source, tiny_pipeline, write_image_folder
 
 from latentdiff.train.checkpoint import load_checkpoint
 
@@ -27,12 +26,7 @@ STEPS = 12
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("faults")
     tiny_pipeline().save(root / "pipe")
-    (root / "data").mkdir()
-    source = synthetic_source()
-    for i in range(len(source)):
-        image, caption = source[i]
-        Image.fromarray(((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(root / "data" / f"{i}.png")
-        (root / "data" / f"{i}.txt").write_text(caption)
+    write_image_folder(root / "data", synthetic_source())
     (root / "unet.toml").write_text(
         f'pretrained = "{root / "pipe"}"\ndata = "{root / "data"}"\nresolution = 16\nmax_steps = {STEPS}\n'
         'batch_size = 2\ngrad_accum = 2\nlr = 1e-3\nwarmup_steps = 2\nema_decay = 0.9\nsample_every = 0\n'

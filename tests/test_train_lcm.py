@@ -20,12 +20,7 @@ from latentdiff.train.optim import clipped_step
 from conftest import assert_rel_close
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 CAPTIONS = ["a red square on the left", "a blue square on the right", "a green circle", "a yellow triangle"]

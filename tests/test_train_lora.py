@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_generate import PROMPTS, SEED, SIZE, compare, generators
-from test_train_trainers import synthetic_source
+from test_train_trainers import synthetic_source, write_image_folder
 
 import latentdiff
 from latentdiff.cli import main
@@ -19,12 +19,7 @@ from latentdiff.train import TrainConfigError
 from latentdiff.train.lora import LoRATrainConfig, LoRATrainer, train_lora
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def lora_config(out: Path, base: Path, **changes) -> LoRATrainConfig:
@@ -100,15 +95,8 @@ def test_previews_are_the_exported_lora(diffusers_dir: Path, tmp_path: Path) -> 
 
 
 def test_cli_trains_a_lora_and_config_errors(diffusers_dir: Path, tmp_path: Path, capsys) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
     source = synthetic_source(16)
-    from PIL import Image
-
-    for i in range(4):
-        image, caption = source[i]
-        Image.fromarray(((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(caption)
+    data = write_image_folder(tmp_path / "data", source, count=4)
     config = tmp_path / "lora.toml"
     config.write_text(f'pretrained = "{diffusers_dir}"\ndata = "{data}"\nresolution = 16\nmax_steps = 2\n'
                       'batch_size = 2\nsample_every = 0\nsample_steps = 2\nnum_sample_images = 1\n')

@@ -23,14 +23,7 @@ from latentdiff.train.build import seeded
 from latentdiff.train.checkpoint import TrainCheckpointError, load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two
-    spinning OpenMP threads per process slow these runs down tenfold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 COLORS = {"red": (1.0, -0.8, -0.8), "blue": (-0.8, -0.6, 1.0), "green": (-0.8, 0.6, -0.6), "yellow": (1.0, 0.8, -0.8)}
@@ -47,6 +40,16 @@ def synthetic_source(size: int = 16) -> InMemorySource:
         image[:, 4 : 4 + size // 3, left : left + size // 3] = torch.tensor(color).view(3, 1, 1)
         images.append(image)
     return InMemorySource(torch.stack(images), CAPTIONS)
+
+
+def write_image_folder(folder: Path, source: InMemorySource, count: int | None = None) -> Path:
+    """The first ``count`` items of ``source`` as ``i.png`` + ``i.txt`` in ``folder`` (a training data folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(len(source) if count is None else count):
+        image, caption = source[i]
+        Image.fromarray(((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    return folder
 
 
 def tiny_pipeline() -> Pipeline:

@@ -20,12 +20,7 @@ from latentdiff.train.codebook import CodebookState, quantisation_losses, usage
 from latentdiff.train.vae import VAETrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def vq_config(out: Path, **changes) -> VAETrainConfig:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from ..models.unet import UNetConfig
 from ..jsonfile import read_json_object
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..models.vq import VQConfig, VQModel
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 
 @contextlib.contextmanager
@@ -68,6 +72,13 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu") -> Autoencode
     from ..loading import load_vae as load
 
     return load(path, device=device, dtype=torch.float32)
+
+
+def base_pipeline(pretrained: str | None) -> Pipeline:
+    """The float32 pipeline an adapter is trained on: ``pretrained``, or the built-in model."""
+    from ..loading import BUILTIN_MODEL, load
+
+    return load(pretrained or BUILTIN_MODEL, device="cpu", dtype=torch.float32)
 
 
 def unet_config(spec: str) -> UNetConfig:

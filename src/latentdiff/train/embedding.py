@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..checkpoints.io import atomic_path, write_safetensors
 from ..pipeline import Pipeline
+from .build import base_pipeline
 from .config import TrainConfigError, UNetTrainConfig
 from .data import ImageCaptionSource
 from .draws import EMBEDDING, sample_generator
@@ -74,9 +75,7 @@ class EmbeddingTrainer(DiffusionTrainer):
     kind = "embedding"
 
     def build_pipeline(self) -> Pipeline:
-        from ..loading import BUILTIN_MODEL, load
-
-        return load(self.config.pretrained or BUILTIN_MODEL, device="cpu", dtype=torch.float32)
+        return base_pipeline(self.config.pretrained)
 
     def setup_training(self) -> None:
         cfg: EmbeddingTrainConfig = self.config  # type: ignore[assignment]

@@ -58,6 +58,7 @@ from ..checkpoints.io import write_safetensors
 from ..models.unet import UNet2DCondition
 from ..pipeline import Pipeline
 from ..schedule import NoiseSchedule, lcm_boundary_scalings
+from .build import base_pipeline
 from .config import TrainConfig, TrainConfigError
 from .data import ImageCaptionSource
 from .draws import LCM, stacked
@@ -173,12 +174,6 @@ def consistency_loss(pred: Tensor, target: Tensor, loss_type: str, huber_c: floa
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
-def build_teacher(config: LCMTrainConfig) -> Pipeline:
-    from ..loading import BUILTIN_MODEL, load
-
-    return load(config.pretrained or BUILTIN_MODEL, device="cpu", dtype=torch.float32)
-
-
 # ---------------------------------------------------------------------------- the trainer
 class LCMTrainer(DiffusionTrainer):
     """LCM-LoRA distillation as a :class:`~latentdiff.train.loop.TrainTask` (pipeline, caches, data
@@ -192,7 +187,7 @@ class LCMTrainer(DiffusionTrainer):
         self._merged: UNet2DCondition | None = None
 
     def build_pipeline(self) -> Pipeline:
-        return build_teacher(self.config)  # type: ignore[arg-type]
+        return base_pipeline(self.config.pretrained)  # type: ignore[attr-defined]
 
     def prepare_pipeline(self, pipe: Pipeline) -> Pipeline:
         """The teacher as it is; its prediction type and timesteps must suit the distillation."""

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..checkpoints.io import write_safetensors
 from ..pipeline import Pipeline
+from .build import base_pipeline
 from .config import TrainConfigError, UNetTrainConfig
 from .data import ImageCaptionSource
 from .lora_layers import LoRANetwork, merge_into
@@ -85,9 +86,7 @@ class LoRATrainer(DiffusionTrainer):
     kind = "lora"
 
     def build_pipeline(self) -> Pipeline:
-        from ..loading import BUILTIN_MODEL, load
-
-        return load(self.config.pretrained or BUILTIN_MODEL, device="cpu", dtype=torch.float32)
+        return base_pipeline(self.config.pretrained)
 
     def setup_training(self) -> None:
         cfg: LoRATrainConfig = self.config  # type: ignore[assignment]
