@@ -16,7 +16,9 @@ from latentdiff.train import InMemorySource, TrainConfigError
 from latentdiff.train.checkpoint import load_checkpoint
 from latentdiff.train.taesd import TAESDTrainConfig, TAESDTrainer, train_taesd
 
-from test_train_lcm import _same, one_thread  # noqa: F401 - one_thread: the autouse fixture, shared
+from test_train_lcm import _same
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def source(size: int = 16, n: int = 6) -> InMemorySource:

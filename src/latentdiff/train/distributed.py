@@ -52,8 +52,10 @@ def join_world(device: torch.device | str) -> DistInfo:
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this PyTorch build")
     if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(info.local_rank)  # NCCL's collectives run on this rank's GPU
+        dist.init_process_group("nccl" if cuda else "gloo", rank=info.rank, world_size=info.world_size)
     return info
 
 
