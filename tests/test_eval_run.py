@@ -17,9 +17,10 @@ import latentdiff
 from latentdiff.checkpoints.clip_folder import save_clip_model
 from latentdiff.cli import main
 from latentdiff.eval import feature_statistics, frechet_distance_from_stats, load_statistics, save_statistics
+from latentdiff.eval.config import parse_features, parse_guidance, parse_samplers
 from latentdiff.eval.distributed import batches, merge_shards, shard
 from latentdiff.eval.plot import Series, line_plot, nice_ticks
-from latentdiff.eval.run import parse_features, parse_guidance, parse_samplers, txt2img_seeded
+from latentdiff.eval.run import txt2img_seeded
 from latentdiff.models.clip_model import CLIPConfig, CLIPModel
 from latentdiff.world import ATTRIBUTES
 
@@ -67,7 +68,7 @@ def test_outputs_and_keys(first_run: dict) -> None:
 
 def test_fd_is_frechet_distance_to_the_cached_reference(first_run: dict, diffusers_dir: Path, clip_dir: Path) -> None:
     """Recompute setting ddim2_w3's FD from the images themselves (seeds 0..3) and the cached statistics."""
-    from latentdiff.eval.run import ClipScorer
+    from latentdiff.eval.scorers import ClipScorer
     from latentdiff.world import held_out_prompts
 
     metrics = first_run["metrics"]

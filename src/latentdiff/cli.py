@@ -545,7 +545,7 @@ def run_vae(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from latentdiff.eval.run import EvalConfig, parse_guidance, parse_samplers
+    from latentdiff.eval.config import EvalConfig, parse_guidance, parse_samplers
     from latentdiff.eval.run import run_eval as evaluate
 
     config = EvalConfig(
