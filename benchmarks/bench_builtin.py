@@ -25,8 +25,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import latentdiff
-from latentdiff.eval import psnr, reconstruct
-from latentdiff.world import WorldDataset, accuracy_report, held_out_prompts, judge, parse_caption
+from latentdiff.eval import world_reconstruction
+from latentdiff.world import accuracy_report, held_out_prompts, judge, parse_caption
 
 
 def prompt_adherence(pipe: latentdiff.Pipeline, prompts: list[str], batch: int, steps: int,
@@ -45,22 +45,6 @@ def prompt_adherence(pipe: latentdiff.Pipeline, prompts: list[str], batch: int, 
     for j, p in zip(judged, prompts):
         by_count["1 object" if len(parse_caption(p).objects) == 1 else "2 objects"].append(j)
     return {k: accuracy_report(v) for k, v in by_count.items()}, images
-
-
-def autoencoder(pipe: latentdiff.Pipeline, n: int, seed: int = 12345) -> dict:
-    """Reconstruction accuracy (judge on the full caption) and PSNR over ``n`` world images."""
-    data = WorldDataset(seed=seed, length=n, partial_captions=False, as_tensor=True)
-    correct, scores = [], []
-    with torch.no_grad():
-        for start in range(0, n, 64):
-            idx = range(start, min(n, start + 64))
-            x = torch.stack([data[i][0] for i in idx])  # (B, 3, 64, 64) in [-1, 1]
-            recon = reconstruct(pipe.vae, x)
-            for i, r, o in zip(idx, recon, x):
-                img = ((r.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-                correct.append(judge(img, data[i][1]).correct)
-                scores.append(psnr((o + 1) / 2, (r + 1) / 2, data_range=1.0))  # (3, H, W) tensors in [0, 1]
-    return {"judged_correct": float(np.mean(correct)), "psnr_db": float(np.mean(scores)), "n": n}
 
 
 def clip_zero_shot(model_dir: Path, n: int) -> dict | None:
@@ -108,7 +92,7 @@ def main() -> None:
     t0 = time.perf_counter()
     adherence, images = prompt_adherence(pipe, prompts, args.batch, args.steps)
     seconds = time.perf_counter() - t0
-    ae = autoencoder(pipe, args.ae_images)
+    ae = world_reconstruction(pipe.vae, args.ae_images)
     zero_shot = clip_zero_shot(Path(model_dir), args.prompts)
     if args.grid:
         save_grid(prompts[:12], images[:12], args.grid)

@@ -33,3 +33,17 @@ def test_a_perfect_autoencoder_scores_perfectly(monkeypatch) -> None:
     monkeypatch.setattr("latentdiff.eval.autoencoder.reconstruct", lambda v, x, b=32: x.clone())
     result = autoencoder_metrics(vae, images, features=pooled_features)
     assert result["psnr_db"] == float("inf") and np.isclose(result["ssim"], 1.0) and abs(result["fd"]) < 1e-6
+
+
+def test_world_reconstruction_judges_each_reconstruction_against_its_caption(monkeypatch) -> None:
+    """A perfect autoencoder is judged right on every scene; one that inverts colours on none (the
+    background, at least, reads wrong); PSNR and SSIM are the per-image means."""
+    from latentdiff.eval.autoencoder import world_reconstruction
+
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    monkeypatch.setattr("latentdiff.eval.autoencoder.reconstruct", lambda v, x, b=32: x.clone())
+    perfect = world_reconstruction(vae, n=12, batch_size=5)
+    assert perfect["judged_correct"] == 1.0 and perfect["psnr_db"] == float("inf") and np.isclose(perfect["ssim"], 1.0)
+    monkeypatch.setattr("latentdiff.eval.autoencoder.reconstruct", lambda v, x, b=32: -x)
+    inverted = world_reconstruction(vae, n=12, batch_size=5)
+    assert inverted["judged_correct"] == 0.0 and inverted["n"] == 12 and inverted["ssim"] < 0.5

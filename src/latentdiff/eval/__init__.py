@@ -1,7 +1,7 @@
 """Evaluation: FID (Frechet distance of Inception features), CLIP score, PSNR and SSIM, autoencoder metrics,
 zero-shot accuracy of a world CLIP."""
 
-from .autoencoder import autoencoder_metrics, reconstruct
+from .autoencoder import autoencoder_metrics, reconstruct, world_reconstruction
 from .inception import FIDInceptionV3, inception_features, load_fid_inception
 from .metrics import (
     RunningStatistics,
@@ -20,6 +20,7 @@ from .zero_shot import zero_shot_accuracy
 __all__ = [
     "autoencoder_metrics",
     "reconstruct",
+    "world_reconstruction",
     "FIDInceptionV3",
     "inception_features",
     "load_fid_inception",

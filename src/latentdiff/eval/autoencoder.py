@@ -50,3 +50,25 @@ def autoencoder_metrics(
             b = torch.cat([features(c) for c in recon01.split(batch_size)])
         result["fd"] = frechet_distance(a, b)
     return result
+
+
+@torch.no_grad()
+def world_reconstruction(vae: Autoencoder, n: int = 500, seed: int = 12345, batch_size: int = 50) -> dict[str, float]:
+    """The autoencoder on ``n`` Shapes World scenes (world seed ``seed``, full captions): mean PSNR
+    and SSIM on [0, 1] pixels, and ``judged_correct``, the share of reconstructions the world's
+    judge reads as their scene's caption."""
+    from ..world import WorldDataset, judge
+
+    data = WorldDataset(seed=seed, length=n, partial_captions=False, as_tensor=True)
+    correct, psnrs, ssims = [], [], []
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        x = torch.stack([data[i][0] for i in idx])  # (B, 3, H, W) in [-1, 1]
+        recon = reconstruct(vae, x, batch_size)
+        psnrs += list(psnr((x + 1) / 2, (recon + 1) / 2, data_range=1.0, reduction="none"))
+        ssims += list(ssim((x + 1) / 2, (recon + 1) / 2, data_range=1.0, reduction="none"))
+        for i, r in zip(idx, recon):
+            pixels = ((r.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()  # (H, W, 3) uint8
+            correct.append(judge(pixels, data[i][1]).correct)
+    return {"psnr_db": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
+            "judged_correct": float(np.mean(correct)), "n": n}
