@@ -245,6 +245,30 @@ def test_fine_tuning_with_the_text_tower_frozen(tmp_path):
         CLIPTrainer(tiny_config(tmp_path / "bad", pretrained=str(tmp_path / "missing")))
 
 
+def test_a_fresh_image_tower_on_a_frozen_text_tower(tmp_path):
+    """fresh_image_tower: the image tower takes this config's sizes (4 px patches here) and new
+    weights; the text tower, its projection's shape and the tokenizer come from the folder, and the
+    export is a transformers CLIPModel with the new vision config."""
+    transformers = pytest.importorskip("transformers")
+    first = train_clip(tiny_config(tmp_path / "first", max_steps=2), progress=False)
+    tuned = train_clip(tiny_config(tmp_path / "tuned", pretrained=str(first.exported), freeze_text_tower=True,
+                                   fresh_image_tower=True, vision_patch_size=4, vision_hidden_size=24,
+                                   vision_intermediate_size=40, max_steps=2), progress=False)
+    before, after = load_clip_model(first.exported), load_clip_model(tuned.exported)
+    assert after.config.vision_config.patch_size == 4 and after.config.vision_config.hidden_size == 24
+    assert after.vision_model.embeddings.patch_embedding.weight.shape == (24, 3, 4, 4)
+    assert after.visual_projection.weight.shape == (16, 24)
+    text = {k: v for k, v in before.state_dict().items() if k.startswith("text_model.")}
+    assert all(torch.equal(v, after.state_dict()[k]) for k, v in text.items())
+    hf = transformers.CLIPModel.from_pretrained(tuned.exported).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.get_image_features(pixel_values=pixels).pooler_output, after.encode_image(pixels),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(TrainConfigError, match="fresh_image_tower"):
+        tiny_config(tmp_path / "bad", fresh_image_tower=True).validate()
+
+
 def test_resume_is_bitwise_exact(tmp_path):
     full = train_clip(tiny_config(tmp_path / "full", export=False), progress=False)
     half = tiny_config(tmp_path / "half", export=False, max_steps=2)

@@ -69,7 +69,8 @@ written and a row is added to ``out_dir/zero_shot.csv``.
 
 **Fine-tuning.** ``pretrained`` starts from an exported ``clip/`` folder (its tokenizer too);
 with ``freeze_text_tower`` the text transformer is fixed and only the image tower, both
-projections and the temperature learn. The UNet reads the text transformer's hidden states,
+projections and the temperature learn; ``fresh_image_tower`` also replaces the image tower by a
+new one of the ``vision_*`` sizes (smaller patches, say) before training. The UNet reads the text transformer's hidden states,
 never the projection, so a UNet trained on this CLIP's text tower stays valid: the image side
 (zero-shot ranking, CLIP score, FD features) can keep improving after the UNet is trained.
 
@@ -102,7 +103,7 @@ from ..checkpoints.io import atomic_path
 from ..models.clip import CLIPTextConfig
 from ..checkpoints.clip_folder import load_clip_model, save_clip_model
 from ..eval.zero_shot import _bar_chart, encode_text_by_length, world_pixels, zero_shot_accuracy
-from ..models.clip_model import CLIPConfig, CLIPModel, CLIPVisionConfig
+from ..models.clip_model import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionTransformer
 from ..models.tokenizer import CLIPTokenizer, train_clip_bpe
 from ..world.captions import caption, parse_caption, sample_scene
 from ..world.dataset import WorldDataset
@@ -136,6 +137,9 @@ class CLIPTrainConfig(TrainConfig):
     # keep the text tower fixed (projections, image tower and temperature still train): the text states a
     # UNet was trained on stay exactly the same, so the CLIP's image side can improve after the UNet exists
     freeze_text_tower: bool = False
+    # with pretrained: replace its image tower (and visual projection) by a fresh one of the vision_*
+    # sizes below, e.g. smaller patches; the text tower, its projection and the tokenizer are kept
+    fresh_image_tower: bool = False
     world_length: int = 2**40  # stream of fresh scenes; a smaller value repeats them (epochs)
     # ---- text tower (SD's CLIPTextModel) ----
     text_hidden_size: int = 128
@@ -196,6 +200,8 @@ class CLIPTrainConfig(TrainConfig):
             )
         if self.batch_size < 2:
             raise TrainConfigError(f"contrastive training needs batch_size >= 2, got {self.batch_size}")
+        if self.fresh_image_tower and not self.pretrained:
+            raise TrainConfigError("fresh_image_tower replaces the image tower of a pretrained CLIP: set pretrained")
         if not 1 <= self.zero_shot_n <= 400:
             raise TrainConfigError(f"zero_shot_n must be in 1..400 (held-out prompts), got {self.zero_shot_n}")
         if not 0.0 <= self.logit_scale_init <= MAX_LOGIT_SCALE:
@@ -213,14 +219,25 @@ class CLIPTrainConfig(TrainConfig):
             max_position_embeddings=self.text_max_positions, hidden_act=self.hidden_act,
             bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, projection_dim=self.projection_dim,
         )
-        vision = CLIPVisionConfig(
+        return CLIPConfig(text_config=text, vision_config=self.vision_config(self.projection_dim),
+                          projection_dim=self.projection_dim, logit_scale_init_value=self.logit_scale_init)
+
+    def vision_config(self, projection_dim: int) -> CLIPVisionConfig:
+        """The image tower of these sizes."""
+        return CLIPVisionConfig(
             hidden_size=self.vision_hidden_size, intermediate_size=self.vision_intermediate_size,
             num_hidden_layers=self.vision_layers, num_attention_heads=self.vision_heads,
             image_size=self.vision_image_size, patch_size=self.vision_patch_size, hidden_act=self.hidden_act,
-            projection_dim=self.projection_dim,
+            projection_dim=projection_dim,
         )
-        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.projection_dim,
-                          logit_scale_init_value=self.logit_scale_init)
+
+
+def replace_image_tower(model: CLIPModel, vision: CLIPVisionConfig) -> None:
+    """Give ``model`` a freshly initialised image tower and visual projection of config ``vision``."""
+    vision.validate()
+    model.config = dataclasses.replace(model.config, vision_config=vision)
+    model.vision_model = CLIPVisionTransformer(vision)
+    model.visual_projection = torch.nn.Linear(vision.hidden_size, model.config.projection_dim, bias=False)
 
 
 # ============================================================================= tokenizer
@@ -285,6 +302,9 @@ class CLIPTrainer(TrainTask):
         if cfg.pretrained:
             model = load_clip_model(cfg.pretrained, dtype=torch.float32)  # names a missing or wrong folder
             self.tokenizer = CLIPTokenizer.from_folder(cfg.pretrained)
+            if cfg.fresh_image_tower:
+                with seeded(cfg.seed):
+                    replace_image_tower(model, cfg.vision_config(model.config.projection_dim))
         else:
             self.tokenizer = train_world_tokenizer(cfg)
             tok = self.tokenizer
