@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from torch import Tensor, nn
 from ..errors import BadModel
 from .config import ConfigError, ModelConfig
 from .vae import AutoencoderKL, _tiled, check_images, check_latents
+
+if TYPE_CHECKING:
+    from .vq import VQModel  # vq.py imports this module (TinyLatents)
 
 _ACTIVATIONS = {
     "relu": F.relu,
@@ -339,8 +343,8 @@ class TinyAutoencoder(nn.Module):
         return _tiled(decoder, latents, tile, overlap, self.downsample_factor, 1)
 
 
-#: Either autoencoder a pipeline may hold as its ``vae``.
-Autoencoder = AutoencoderKL | TinyAutoencoder
+#: Any autoencoder a pipeline may hold as its ``vae`` (for annotations only).
+Autoencoder: TypeAlias = "AutoencoderKL | TinyAutoencoder | VQModel"
 
 
 @torch.no_grad()
