@@ -24,7 +24,7 @@ from .checkpoint import TrainCheckpointError
 from .clip import CLIPTrainConfig
 from .config import TrainConfig, TrainConfigError, UNetTrainConfig, VAETrainConfig
 from .data import TrainDataError
-from .distributed import dist_info
+from .distributed import dist_info, leave_world
 from .embedding import EmbeddingTrainConfig
 from .lcm import LCMTrainConfig
 from .lora import LoRATrainConfig
@@ -113,7 +113,10 @@ def run_builtin_command(args: argparse.Namespace) -> int:
     from .builtin import STAGES, train_builtin
 
     stages = tuple(args.stage) if args.stage else STAGES
-    print(f"built-in model: {train_builtin(args.out, stages, args.target)}")
+    try:
+        print(f"built-in model: {train_builtin(args.out, stages, args.target)}")
+    finally:
+        leave_world()
     return 0
 
 
@@ -133,6 +136,8 @@ def run_train_command(args: argparse.Namespace) -> int:
     except (TrainConfigError, TrainDataError, TrainCheckpointError, CheckpointError, UserError, FileExistsError) as err:
         print(f"latentdiff train {args.train_what}: {err}", file=sys.stderr)
         return 2
+    finally:
+        leave_world()
     if not dist_info().is_main:
         return 0  # rank 0 reports for the job
     print(f"trained {args.train_what} for {result.step} steps in {result.out_dir}")

@@ -34,7 +34,7 @@ from ..eval.distributed import DistInfo, device_for_rank, dist_info
 
 __all__ = [
     "DistInfo", "GlobalBatchNorm2d", "all_reduce_mean", "all_reduce_mean_tensor", "average_gradients", "barrier",
-    "broadcast_parameters", "gather_with_grad", "globalise_batch_norms", "join_world", "rank_slice",
+    "broadcast_parameters", "gather_with_grad", "globalise_batch_norms", "join_world", "leave_world", "rank_slice",
 ]
 
 
@@ -57,6 +57,15 @@ def join_world(device: torch.device | str) -> DistInfo:
             torch.cuda.set_device(info.local_rank)  # NCCL's collectives run on this rank's GPU
         dist.init_process_group("nccl" if cuda else "gloo", rank=info.rank, world_size=info.world_size)
     return info
+
+
+def leave_world() -> None:
+    """Destroy the process group :func:`join_world` joined, if any: a process that exits with gloo's
+    threads still running can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def training_device(device: str, info: DistInfo) -> str:
