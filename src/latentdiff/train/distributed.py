@@ -65,6 +65,7 @@ def leave_world() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another's last collective is in flight
         dist.destroy_process_group()
 
 
