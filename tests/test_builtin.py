@@ -64,3 +64,46 @@ def test_builtin_stages_build_a_loadable_model(tmp_path: Path, tiny_stages) -> N
 def test_unknown_stage_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown stage"):
         builtin.train_builtin(tmp_path, stages=("unet", "painting"))
+
+
+def test_builtin_jobs_run_stages_in_processes_once_their_inputs_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --jobs 2 each unfinished stage runs as its own process after the stages it reads; the
+    fake stage process checks its inputs are exported and writes its own export."""
+    import subprocess
+    import sys
+
+    out, launched = tmp_path / "runs", []
+    needs_export = {"clip": "clip/text_encoder/config.json", "vae": "vae/vae/config.json", "unet": "unet/model/model_index.json",
+                    "decoder": "decoder/vae/config.json"}
+
+    def fake_process(out_: Path, stage: str, threads: int) -> subprocess.Popen:
+        launched.append((stage, threads))
+        inputs = [str(out_ / needs_export[need]) for need in builtin.STAGE_NEEDS[stage]]
+        runs = {"clip": "text_encoder/config.json", "vae": "vae/config.json", "unet": "model/model_index.json",
+                "decoder": "vae/config.json", "sharpen": "vae/config.json", "anneal": "model/model_index.json"}
+        export = out_ / stage / runs[stage]
+        body = '{"scaling_factor": 0.5}' if stage == "vae" else "{}"
+        pause = 1.0 if stage == "clip" else 0.1  # the vae finishes first: unet must still wait for clip
+        code = (f"import os, pathlib, time; time.sleep({pause}); assert all(os.path.isfile(p) for p in {inputs!r}); "
+                f"p = pathlib.Path({str(export)!r}); p.parent.mkdir(parents=True, exist_ok=True); p.write_text({body!r})")
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    monkeypatch.setattr(builtin, "stage_process", fake_process)
+    monkeypatch.setattr(builtin.os, "cpu_count", lambda: 2)
+    builtin.train_builtin(out, stages=builtin.STAGES[:-1], jobs=2)
+    assert sorted(launched) == sorted((stage, 1) for stage in builtin.STAGE_NEEDS)
+    assert all(builtin.stage_finished(out, stage) for stage in builtin.STAGE_NEEDS)
+    launched.clear()
+    builtin.train_builtin(out, stages=builtin.STAGES[:-1], jobs=2)  # everything exported: nothing runs
+    assert launched == []
+
+
+def test_builtin_failed_stage_process_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from latentdiff.train.stages import StageFailed
+
+    monkeypatch.setattr(builtin, "stage_process", lambda out, stage, threads: subprocess.Popen([sys.executable, "-c", "raise SystemExit(5)"]))
+    with pytest.raises(StageFailed, match=r"clip \(exit status 5\)"):
+        builtin.train_builtin(tmp_path, stages=("clip", "vae", "unet"), jobs=2)

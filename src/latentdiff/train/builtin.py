@@ -14,7 +14,12 @@
 
 Each stage is an ordinary run of its trainer (``train clip|vae|unet``) with the config
 below, so each resumes exactly, and each stage's export can be committed on its own:
-a stage whose export exists is skipped. ``--stage`` runs one stage only.
+a stage whose export exists is skipped. ``--stage`` runs one stage only. ``--jobs 2`` runs
+stages side by side, each in a process of its own, as soon as what it reads is exported
+(:data:`STAGE_NEEDS`): ``vae`` beside ``clip``, ``decoder`` and ``sharpen`` beside ``unet`` and
+``anneal``. Every run of a stage appends its wall time to ``stages.csv``::
+
+      stages.csv  stage,started_utc,minutes,threads (one row per run; a resumed stage has several)
 
 Why these sizes (64x64 images, 2 CPU cores, a 3-hour budget):
 - latent factor 4 (16x16x4): objects are 10 or 20 px with hard edges; a factor of 8
@@ -32,6 +37,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,8 +48,10 @@ from typing import Any
 import torch
 
 from ..checkpoints.errors import CheckpointError
+from ..checkpoints.io import atomic_path
 from .clip import CLIPTrainConfig
 from .config import UNetTrainConfig, VAETrainConfig
+from .stages import run_concurrently
 
 STAGES = ("clip", "vae", "unet", "decoder", "sharpen", "anneal", "assemble")
 
@@ -162,7 +173,8 @@ def _set_scaling_factor(vae_folder: Path) -> float:
     config = json.loads(path.read_text())
     factor = latent_scaling_factor(vae_folder)
     config["scaling_factor"] = round(factor, 5)
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(path) as tmp:  # stages in other processes may read it meanwhile
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return config["scaling_factor"]
 
 
@@ -191,13 +203,68 @@ def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Pat
     return target
 
 
-def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] = STAGES,
-                  target: str | Path | None = None) -> Path:
-    """Run the stages in order (each resumes its own checkpoint, finished ones are skipped)."""
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {  # what each stage reads; in priority order, the critical path first
+    "clip": (), "vae": (), "unet": ("clip", "vae"), "decoder": ("vae",), "anneal": ("unet",), "sharpen": ("decoder",),
+}
+
+
+def _stage_runs() -> dict[str, tuple[Callable[..., Any], Callable[[Path], Any], str]]:
+    """Stage -> (trainer, config of the run folder, the export whose presence means finished)."""
     from .clip import train_clip
     from .unet import train_unet
     from .vae import train_vae
 
+    return {
+        "clip": (train_clip, clip_config, "text_encoder/config.json"),
+        "vae": (train_vae, vae_config, "vae/config.json"),
+        "unet": (train_unet, unet_config, "model/model_index.json"),
+        "decoder": (train_vae, decoder_config, "vae/config.json"),
+        "sharpen": (train_vae, sharpen_config, "vae/config.json"),
+        "anneal": (train_unet, anneal_config, "model/model_index.json"),
+    }
+
+
+def stage_finished(out: Path, stage: str) -> bool:
+    return (out / stage / _stage_runs()[stage][2]).is_file()
+
+
+def _ensure_scaling_factor(out: Path) -> None:
+    """Once the ``vae`` stage has exported, set its latent scaling factor (before any stage reads the VAE)."""
+    vae_folder = out / "vae" / "vae"
+    if (vae_folder / "config.json").is_file() and json.loads((vae_folder / "config.json").read_text())["scaling_factor"] == 1.0:
+        print(f"latent scaling factor: {_set_scaling_factor(vae_folder)}")
+
+
+def _record_stage_time(out: Path, stage: str, started: float, seconds: float) -> None:
+    """Append one run of a stage to ``out/stages.csv`` (a resumed stage has one row per run)."""
+    file = out / "stages.csv"
+    new = not file.is_file()
+    with file.open("a", encoding="utf-8") as f:
+        if new:
+            f.write("stage,started_utc,minutes,threads\n")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+        f.write(f"{stage},{when},{seconds / 60:.1f},{torch.get_num_threads()}\n")
+
+
+def stage_process(out: Path, stage: str, threads: int) -> subprocess.Popen:
+    """``latentdiff train builtin --stage STAGE`` in a process of its own, its output in ``out/STAGE/console.log``."""
+    (out / stage).mkdir(parents=True, exist_ok=True)
+    log = (out / stage / "console.log").open("ab")
+    command = [sys.executable, "-m", "latentdiff.cli", "train", "builtin", "--out", str(out), "--stage", stage]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(f"stage {stage}: started ({threads} thread{'s' * (threads > 1)}), output in {log.name}", flush=True)
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] = STAGES,
+                  target: str | Path | None = None, *, jobs: int = 1) -> Path:
+    """Run the stages (each resumes its own checkpoint, finished ones are skipped), then assemble.
+
+    ``jobs=1`` runs them in order in this process. ``jobs > 1`` runs up to that many at once, each
+    in a process of its own with ``cores // jobs`` threads, as soon as the stages it reads
+    (:data:`STAGE_NEEDS`) are finished: with 2, ``vae`` trains beside ``clip``, and ``decoder`` and
+    ``sharpen`` beside the UNet stages. Every run of a stage is logged in ``out/stages.csv``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, model in (("vae_model.json", VAE_MODEL), ("unet_model.json", UNET_MODEL)):
@@ -206,21 +273,27 @@ def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] 
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-
-    def run(stage: str, train: Callable[..., Any], config: Callable[[Path], Any], export: str) -> None:
-        """Train ``stage`` (its run folder is ``out/stage``) unless skipped or its ``export`` exists."""
-        if stage in stages and not (out / stage / export).is_file():
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    runs = _stage_runs()
+    _ensure_scaling_factor(out)
+    todo = [stage for stage in STAGE_NEEDS if stage in stages and not stage_finished(out, stage)]
+    if jobs == 1:
+        for stage in todo:
+            train, config, _ = runs[stage]
+            started = time.time()
             train(config(out), resume=(out / stage / "checkpoint.pt").is_file())
+            _record_stage_time(out, stage, started, time.time() - started)
+            _ensure_scaling_factor(out)
+    elif todo:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
 
-    run("clip", train_clip, clip_config, "text_encoder/config.json")
-    run("vae", train_vae, vae_config, "vae/config.json")
-    vae_folder = out / "vae" / "vae"
-    if (vae_folder / "config.json").is_file() and json.loads((vae_folder / "config.json").read_text())["scaling_factor"] == 1.0:
-        print(f"latent scaling factor: {_set_scaling_factor(vae_folder)}")  # before any stage reads the VAE
-    run("unet", train_unet, unet_config, "model/model_index.json")
-    run("decoder", train_vae, decoder_config, "vae/config.json")
-    run("sharpen", train_vae, sharpen_config, "vae/config.json")
-    run("anneal", train_unet, anneal_config, "model/model_index.json")
+        def finished(stage: str) -> None:
+            print(f"stage {stage}: finished", flush=True)
+            _ensure_scaling_factor(out)
+
+        run_concurrently({stage: STAGE_NEEDS[stage] for stage in todo},
+                         lambda stage: stage_process(out, stage, threads), jobs=jobs, on_done=finished)
     final = Path(target) if target else out / "model"
     if "assemble" in stages:
         assemble(out, final)

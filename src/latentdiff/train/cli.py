@@ -8,7 +8,7 @@
     latentdiff train lcm  --config lcm.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train taesd --config taesd.toml [--resume] [--out DIR] [--steps N]
     torchrun --standalone --nproc_per_node 2 -m latentdiff.cli train unet --config unet.toml   (data parallel)
-    latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|assemble] [--target DIR]
+    latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|assemble] [--target DIR] [--jobs N]
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     builtin.add_argument("--out", default="runs/builtin", help="run folder of all stages (default runs/builtin)")
     builtin.add_argument("--stage", action="append", help="run only this stage (repeatable): clip, vae, unet, decoder, sharpen, anneal, assemble")
     builtin.add_argument("--target", help="where the assembled model goes (default OUT/model)")
+    builtin.add_argument("--jobs", type=int, default=1, metavar="N",
+                         help="stages run at once, each in its own process with cores / N threads, as soon as "
+                              "the stages they read are done (default 1: one after another)")
     builtin.set_defaults(func=run_builtin_command)
     return train
 
@@ -111,10 +114,15 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def run_builtin_command(args: argparse.Namespace) -> int:
     """``train builtin``: every stage in order, each resuming its own checkpoint."""
     from .builtin import STAGES, train_builtin
+    from .stages import StageFailed
 
     stages = tuple(args.stage) if args.stage else STAGES
     try:
-        print(f"built-in model: {train_builtin(args.out, stages, args.target)}")
+        print(f"built-in model: {train_builtin(args.out, stages, args.target, jobs=args.jobs)}")
+    except (StageFailed, ValueError, TrainConfigError, CheckpointError) as err:
+        where = f" (each stage's output is in {args.out}/STAGE/console.log)" if isinstance(err, StageFailed) else ""
+        print(f"latentdiff train builtin: {err}{where}", file=sys.stderr)
+        return 2
     finally:
         leave_world()
     return 0
