@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                 # UNet fine-tuning of the built-in model, 64 px
     python benchmarks/bench_train.py --steps 40 --what lora
+    python benchmarks/bench_train.py --what vae --batch 16    # the built-in VAE's decoder, as its stages train it
 
 Every row trains the same config (global batch ``--batch``, built-in world data) through the CLI
 in a fresh process and reads the steps per second from its ``log.csv`` (training time only, the
@@ -12,6 +13,7 @@ first ``--warmup`` steps left out, so start-up and the latent cache do not count
     2 ranks x 1 thread          torchrun --nproc_per_node 2, batch per rank = batch / 2
     1 process + gradient checkpointing
     1 process + bf16 autocast
+    2 ranks x 1 thread + bf16 autocast
 
 A table is printed, and written as JSON with ``--json``.
 """
@@ -45,8 +47,11 @@ def run(what: str, root: Path, name: str, *, ranks: int, threads: int, batch: in
     config = {
         "pretrained": str(BUILTIN_MODEL), "data": "world", "world_length": 512, "resolution": 64, "max_steps": steps, "batch_size": batch // ranks,
         "lr": 1e-4, "warmup_steps": 0, "sample_every": 0, "checkpoint_every": 0, "export": False,
-        "num_sample_images": 1, "sample_steps": 2, **options,
+        "num_sample_images": 1, **({} if what == "vae" else {"sample_steps": 2}), **options,
     }
+    if what == "vae":  # the decoder stages' loss: L1 + KL + the PatchGAN from step 0
+        config.update(pretrained=str(BUILTIN_MODEL / "vae"), train_decoder_only=True, kl_weight=1e-6, disc_start=0,
+                      disc_weight=0.1)
     path = root / f"{name}.toml"
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
     out = root / name
@@ -61,7 +66,7 @@ def run(what: str, root: Path, name: str, *, ranks: int, threads: int, batch: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", default="unet", choices=["unet", "lora"])
+    parser.add_argument("--what", default="unet", choices=["unet", "lora", "vae"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8, help="global batch (split over the ranks)")
     parser.add_argument("--json", type=Path)
@@ -72,6 +77,7 @@ def main() -> None:
         ("2 ranks x 1 thread", dict(ranks=2, threads=1)),
         ("1 process + gradient checkpointing", dict(ranks=1, threads=2, gradient_checkpointing=True)),
         ("1 process + bf16 autocast", dict(ranks=1, threads=2, bf16=True)),
+        ("2 ranks x 1 thread + bf16 autocast", dict(ranks=2, threads=1, bf16=True)),
     ]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
