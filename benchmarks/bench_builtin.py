@@ -4,7 +4,8 @@
      7.5, the default sampler and step count; whole-caption and per-attribute accuracy for
      one-object and two-object full captions;
   2. autoencoder: encode-decode of world images, judged against their full captions, PSNR;
-  3. CLIP zero-shot: the right full caption ranked first among 9 that differ in one attribute.
+  3. CLIP zero-shot: the right full caption ranked first among 9 that differ in one attribute,
+     and per attribute, how often it ranks above a variant that changes that attribute.
 
 Writes a grid of prompts and outputs (``--grid``) and prints a Markdown table.
 
@@ -108,6 +109,8 @@ def main() -> None:
     print(f"| autoencoder PSNR | {ae['psnr_db']:.1f} dB | >= 30 dB |")
     if zero_shot is not None:
         print(f"| CLIP zero-shot top-1 among 9 (n={zero_shot['n']}) | {zero_shot['accuracy']:.1%} | >= 90% |")
+        for kind, value in zero_shot["pairwise"].items():
+            print(f"| CLIP: right caption above a variant of its {kind} | {value:.1%} | >= 85% |")
     print("\nPer attribute (1 object | 2 objects):\n")
     print("| attribute | 1 object | 2 objects |")
     print("|---|---:|---:|")

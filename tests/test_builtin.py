@@ -19,7 +19,7 @@ from latentdiff.train import builtin
 def tiny_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real stage configs, cut down to a couple of steps on a handful of images."""
     clip, vae, unet, decoder = builtin.clip_config, builtin.vae_config, builtin.unet_config, builtin.decoder_config
-    sharpen, anneal = builtin.sharpen_config, builtin.anneal_config
+    sharpen, anneal, vision = builtin.sharpen_config, builtin.anneal_config, builtin.vision_config
     few = dict(sample_every=0, checkpoint_every=100, log_every=1)
     monkeypatch.setattr(builtin, "clip_config", lambda out: dataclasses.replace(
         clip(out), max_steps=2, batch_size=8, text_layers=1, vision_layers=1, tokenizer_captions=300,
@@ -34,6 +34,8 @@ def tiny_stages(monkeypatch: pytest.MonkeyPatch) -> None:
         sharpen(out), max_steps=2, batch_size=4, world_length=16, decay_steps=2, **few))
     monkeypatch.setattr(builtin, "anneal_config", lambda out: dataclasses.replace(
         anneal(out), max_steps=2, batch_size=4, world_length=16, sample_steps=2, warmup_steps=1, decay_steps=2, **few))
+    monkeypatch.setattr(builtin, "vision_config", lambda out: dataclasses.replace(
+        vision(out), max_steps=2, batch_size=8, zero_shot_n=4, warmup_steps=1, decay_steps=2, **few))
 
 
 def test_builtin_stages_build_a_loadable_model(tmp_path: Path, tiny_stages) -> None:
@@ -50,8 +52,11 @@ def test_builtin_stages_build_a_loadable_model(tmp_path: Path, tiny_stages) -> N
     for part, stage in (("unet", "anneal/model/unet"), ("vae", "sharpen/vae"), ("text_encoder", "clip/text_encoder")):
         shipped, trained = latentdiff.load_component(target / part), latentdiff.load_component(out / stage)
         assert all(torch.equal(v.half(), shipped.state_dict()[k]) for k, v in trained.state_dict().items()), part
-    clip = load_clip_model(out / "clip" / "clip").state_dict()
+    # The whole CLIP from vision (its image side trained on), whose text tower is the clip stage's.
+    clip, first = load_clip_model(out / "vision" / "clip").state_dict(), load_clip_model(out / "clip" / "clip").state_dict()
     assert all(torch.equal(v.half(), load_clip_model(target / "clip").state_dict()[k]) for k, v in clip.items())
+    assert all(torch.equal(v, clip[k]) for k, v in first.items() if k.startswith("text_model."))
+    assert not torch.equal(first["visual_projection.weight"], clip["visual_projection.weight"])
     weights = [f for f in target.rglob("*.safetensors")]
     assert weights and all(f.stat().st_size < 40e6 for f in weights)
 
@@ -80,7 +85,8 @@ def test_builtin_jobs_run_stages_in_processes_once_their_inputs_exist(tmp_path: 
         launched.append((stage, threads))
         inputs = [str(out_ / needs_export[need]) for need in builtin.STAGE_NEEDS[stage]]
         runs = {"clip": "text_encoder/config.json", "vae": "vae/config.json", "unet": "model/model_index.json",
-                "decoder": "vae/config.json", "sharpen": "vae/config.json", "anneal": "model/model_index.json"}
+                "decoder": "vae/config.json", "sharpen": "vae/config.json", "anneal": "model/model_index.json",
+                "vision": "clip/config.json"}
         export = out_ / stage / runs[stage]
         body = '{"scaling_factor": 0.5}' if stage == "vae" else "{}"
         pause = 1.0 if stage == "clip" else 0.1  # the vae finishes first: unet must still wait for clip
