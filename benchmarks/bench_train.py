@@ -47,11 +47,14 @@ def run(what: str, root: Path, name: str, *, ranks: int, threads: int, batch: in
     config = {
         "pretrained": str(BUILTIN_MODEL), "data": "world", "world_length": 512, "resolution": 64, "max_steps": steps, "batch_size": batch // ranks,
         "lr": 1e-4, "warmup_steps": 0, "sample_every": 0, "checkpoint_every": 0, "export": False,
-        "num_sample_images": 1, **({} if what == "vae" else {"sample_steps": 2}), **options,
+        "num_sample_images": 1,
     }
     if what == "vae":  # the decoder stages' loss: L1 + KL + the PatchGAN from step 0
         config.update(pretrained=str(BUILTIN_MODEL / "vae"), train_decoder_only=True, kl_weight=1e-6, disc_start=0,
                       disc_weight=0.1)
+    else:
+        config["sample_steps"] = 2
+    config.update(options)
     path = root / f"{name}.toml"
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
     out = root / name

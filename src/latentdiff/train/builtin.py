@@ -211,8 +211,9 @@ def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Pat
     pipe = latentdiff.load(unet_model, dtype=torch.float32, vae=decoders[0] if decoders else None)
     pipe.name = "shapes-v2"
     pipe.save(target, dtype=dtype)
-    clip_folder = next((out / stage / "clip" for stage in ("vision", "clip") if (out / stage / "clip" / "config.json").is_file()),
-                       out / "clip" / "clip")
+    clip_folder = out / "vision" / "clip"
+    if not (clip_folder / "config.json").is_file():
+        clip_folder = out / "clip" / "clip"
     if not (clip_folder / "config.json").is_file():
         raise CheckpointError(f"the clip stage has not exported {clip_folder} yet")
     save_clip_model(load_clip_model(clip_folder), target / "clip", dtype=dtype)
@@ -226,25 +227,26 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {  # what each stage reads; in priorit
 }
 
 
-def _stage_runs() -> dict[str, tuple[Callable[..., Any], Callable[[Path], Any], str]]:
-    """Stage -> (trainer, config of the run folder, the export whose presence means finished)."""
+STAGE_EXPORTS: dict[str, str] = {  # the file in out/STAGE/ whose presence means the stage is finished
+    "clip": "text_encoder/config.json", "vae": "vae/config.json", "unet": "model/model_index.json",
+    "decoder": "vae/config.json", "sharpen": "vae/config.json", "anneal": "model/model_index.json",
+    "vision": "clip/config.json",
+}
+
+
+def _stage_trainers() -> dict[str, tuple[Callable[..., Any], Callable[[Path], Any]]]:
+    """Stage -> (trainer, config of the run folder)."""
     from .clip import train_clip
     from .unet import train_unet
     from .vae import train_vae
 
-    return {
-        "clip": (train_clip, clip_config, "text_encoder/config.json"),
-        "vae": (train_vae, vae_config, "vae/config.json"),
-        "unet": (train_unet, unet_config, "model/model_index.json"),
-        "decoder": (train_vae, decoder_config, "vae/config.json"),
-        "sharpen": (train_vae, sharpen_config, "vae/config.json"),
-        "anneal": (train_unet, anneal_config, "model/model_index.json"),
-        "vision": (train_clip, vision_config, "clip/config.json"),
-    }
+    return {"clip": (train_clip, clip_config), "vae": (train_vae, vae_config), "unet": (train_unet, unet_config),
+            "decoder": (train_vae, decoder_config), "sharpen": (train_vae, sharpen_config),
+            "anneal": (train_unet, anneal_config), "vision": (train_clip, vision_config)}
 
 
 def stage_finished(out: Path, stage: str) -> bool:
-    return (out / stage / _stage_runs()[stage][2]).is_file()
+    return (out / stage / STAGE_EXPORTS[stage]).is_file()
 
 
 def _ensure_scaling_factor(out: Path) -> None:
@@ -268,11 +270,12 @@ def _record_stage_time(out: Path, stage: str, started: float, seconds: float) ->
 def stage_process(out: Path, stage: str, threads: int) -> subprocess.Popen:
     """``latentdiff train builtin --stage STAGE`` in a process of its own, its output in ``out/STAGE/console.log``."""
     (out / stage).mkdir(parents=True, exist_ok=True)
-    log = (out / stage / "console.log").open("ab")
+    log = out / stage / "console.log"
     command = [sys.executable, "-m", "latentdiff.cli", "train", "builtin", "--out", str(out), "--stage", stage]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    print(f"stage {stage}: started ({threads} thread{'s' * (threads > 1)}), output in {log.name}", flush=True)
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"stage {stage}: started ({threads} thread{'s' * (threads > 1)}), output in {log}", flush=True)
+    with log.open("ab") as output:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
 def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] = STAGES,
@@ -294,12 +297,12 @@ def train_builtin(out_dir: str | Path = "runs/builtin", stages: tuple[str, ...] 
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
-    runs = _stage_runs()
     _ensure_scaling_factor(out)
     todo = [stage for stage in STAGE_NEEDS if stage in stages and not stage_finished(out, stage)]
     if jobs == 1:
+        trainers = _stage_trainers()
         for stage in todo:
-            train, config, _ = runs[stage]
+            train, config = trainers[stage]
             started = time.time()
             train(config(out), resume=(out / stage / "checkpoint.pt").is_file())
             _record_stage_time(out, stage, started, time.time() - started)
