@@ -62,7 +62,6 @@ def unet_rows() -> list[tuple[str, str, float]]:
         unet = unet.to(memory_format=torch.channels_last)
         xl = x.to(memory_format=torch.channels_last)
         rows.append((name, "channels_last", median_seconds(lambda: unet(xl, t, ctx), runs=1)))
-        del unet
     return rows
 
 

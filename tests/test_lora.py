@@ -320,6 +320,23 @@ def test_lora_hash_is_a1111s(tmp_path: Path) -> None:
     assert lora_hash(tmp_path / "c.pt") == hashlib.sha256((tmp_path / "c.pt").read_bytes()).hexdigest()[:12]
 
 
+def test_lora_hash_reads_a_file_once_until_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import latentdiff.adapters as adapters
+
+    reads = []
+    real = adapters.sha256_file
+    monkeypatch.setattr(adapters, "sha256_file", lambda path, start=0: reads.append(path) or real(path, start))
+    path = tmp_path / "ink.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 3)}, str(path))
+    first = lora_hash(path)
+    assert lora_hash(path) == lora_hash(str(path)) == first and len(reads) == 1  # prompts ask on every call
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 3)}, str(path))
+    os.utime(path, ns=(1, os.stat(path).st_mtime_ns + 1))  # a rewrite within the clock's resolution
+    assert lora_hash(path) != first and len(reads) == 2
+
+
 def test_linear_shaped_lora_on_a_1x1_conv(ours, tmp_path: Path) -> None:
     """A proj_in LoRA trained on a linear projection (SD 2 style, (r, in) / (out, r)) fits the 1x1 conv."""
     w = ours.unet.get_parameter("down_blocks.0.attentions.0.proj_in.weight").detach().clone()  # (out, in, 1, 1)

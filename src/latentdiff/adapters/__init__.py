@@ -10,6 +10,7 @@ restores the originals exactly.  ``Pipeline.load_lora`` / ``unload_lora`` are th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,11 +55,23 @@ def lora_hash(path: str | Path) -> str:
 
     For ``.safetensors`` it is kohya's / sd-webui-additional-networks' hash, taken over the
     bytes after the header (so editing the metadata keeps it); for other files, over the
-    whole file (A1111's ``hashes.sha256(..., use_addnet_hash=is_safetensors)``).
+    whole file (A1111's ``hashes.sha256(..., use_addnet_hash=is_safetensors)``). A file is
+    read once while its size and modification time stay the same (prompts that tag a LoRA
+    ask for its hash on every call).
     """
     path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    return _file_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    """:func:`lora_hash` of the file at ``path`` as it is now (``size`` and ``mtime_ns`` key the cache)."""
     start = 0
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+    if Path(path).suffix.lower() in SAFETENSORS_SUFFIXES:
         read_safetensors_header(path)  # refuses a file that is not safetensors
         with open(path, "rb") as f:
             start = 8 + int.from_bytes(f.read(8), "little")
