@@ -152,6 +152,24 @@ def test_progress_preview_and_interrupt(api, served) -> None:
     assert requests.post(f"{url}/sdapi/v1/skip").json() == {}
 
 
+def test_progress_decodes_each_steps_preview_once(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients poll /progress several times a second; the VAE decodes a step's x0 once."""
+    from latentdiff.serve.jobs import Job
+
+    server = served[1].server
+    decoded = []
+    real = server.pipe.preview
+    monkeypatch.setattr(server.pipe, "preview", lambda x0: decoded.append(x0) or real(x0))
+    job = Job(lambda progress: None)
+    monkeypatch.setattr(server.queue, "current", job)
+    channels = server.pipe.unet.config.in_channels
+    job.progress.callback(0, 10, torch.zeros(1, channels, 8, 8))
+    first = server.current_image()
+    assert server.current_image() == first and len(decoded) == 1
+    job.progress.callback(1, 10, torch.ones(1, channels, 8, 8))
+    assert server.current_image() != first and len(decoded) == 2
+
+
 def test_options_samplers_schedulers_png_info_and_lists(api, served) -> None:
     url, _ = served
     options = api.get_options()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from torch import Tensor
 
 from .. import budget
 from ..checkpoints.errors import CheckpointError
@@ -61,6 +63,8 @@ class Server:
         self.options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png"}
         self.checkpoint: Checkpoint = self.catalogue.checkpoints[0]
         self.pipe = self._load(self.checkpoint)
+        self._preview_lock = threading.Lock()
+        self._preview: tuple[Tensor | None, str | None] = (None, None)  # (x0, its PNG) last shown
 
     def _load(self, checkpoint: Checkpoint):
         import latentdiff
@@ -141,13 +145,18 @@ class Server:
         return images
 
     def current_image(self) -> str | None:
+        """The running job's latest x0 prediction as a base64 PNG, decoded once per sampling step
+        however often clients poll (the web page and A1111 clients poll several times a second)."""
         job = self.queue.current
         if job is None or job.progress.x0 is None:
             return None
         x0 = job.progress.x0
-        with torch.no_grad():
-            shown = self.pipe.preview(x0[:1])[0]
-        return a1111.encode_png(shown)
+        with self._preview_lock:
+            if self._preview[0] is not x0:  # the step callback hands over a new tensor each step
+                with torch.no_grad():
+                    shown = self.pipe.preview(x0[:1])[0]
+                self._preview = (x0, a1111.encode_png(shown))
+            return self._preview[1]
 
 
 def create_app(config: ServeConfig) -> Guard:
