@@ -243,3 +243,10 @@ def test_fid_inception_features(diffusers_dir: Path, clip_dir: Path, tmp_path: P
     assert metrics["fd_name"] == "FID" and metrics["features"]["name"] == "inception-v3-fid"
     assert np.load(metrics["reference"]["stats"])["mu"].shape == (2048,)
     assert metrics["results"][0]["fd"] >= 0 and "| FID |" in (out / "report.md").read_text()
+
+
+def test_reports_name_the_builtin_models_files_the_same_on_every_machine() -> None:
+    from latentdiff.loading import BUILTIN_MODEL, shown_path
+
+    assert shown_path(BUILTIN_MODEL / "clip") == f"latentdiff/weights/{BUILTIN_MODEL.name}/clip"
+    assert shown_path("runs/elsewhere/clip") == "runs/elsewhere/clip"

@@ -36,6 +36,15 @@ from .schedule import ScheduleConfig
 
 BUILTIN_MODEL = Path(__file__).parent / "weights" / "shapes-v2"
 
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as reports show it: inside the installed package as ``latentdiff/...`` (so a
+    report names the built-in model's files the same way on every machine), else as given."""
+    try:
+        return str(Path("latentdiff") / Path(path).resolve().relative_to(Path(__file__).parent.resolve()))
+    except ValueError:
+        return str(path)
+
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
 

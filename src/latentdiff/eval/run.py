@@ -52,6 +52,7 @@ import torch
 from PIL import Image
 
 from ..errors import BadArgument
+from ..loading import shown_path
 from .config import EvalConfig, FeatureSpec, Setting, check_inputs
 from .distributed import DistInfo, ProcessGroup, batches, device_for_rank, dist_info, merge_shards, shard
 from .reference import Reference, reference_statistics
@@ -256,9 +257,9 @@ def run_metrics(run: EvalRun, results: list[dict[str, Any]]) -> dict[str, Any]:
         "guidance": [float(w) for w in config.guidance],
         "samplers": [f"{a}:{b}" for a, b in config.samplers],
         "features": {"name": extractor.name, "metric": extractor.metric,
-                     "source": str(run.feature_spec.path or run.clip_folder)},
+                     "source": shown_path(run.feature_spec.path or run.clip_folder)},
         "fd_name": extractor.metric,
-        "clip_model": str(run.clip_folder),
+        "clip_model": shown_path(run.clip_folder),
         "reference": run.reference.info,
         "grid_prompts": run.prompts[:run.grid_rows],
         "results": results,
