@@ -19,7 +19,7 @@ from latentdiff.train import builtin
 def tiny_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real stage configs, cut down to a couple of steps on a handful of images."""
     clip, vae, unet, decoder = builtin.clip_config, builtin.vae_config, builtin.unet_config, builtin.decoder_config
-    sharpen, anneal, vision = builtin.sharpen_config, builtin.anneal_config, builtin.vision_config
+    sharpen, anneal, vision, lcm = builtin.sharpen_config, builtin.anneal_config, builtin.vision_config, builtin.lcm_config
     few = dict(sample_every=0, checkpoint_every=100, log_every=1)
     monkeypatch.setattr(builtin, "clip_config", lambda out: dataclasses.replace(
         clip(out), max_steps=2, batch_size=8, text_layers=1, vision_layers=1, tokenizer_captions=300,
@@ -36,6 +36,9 @@ def tiny_stages(monkeypatch: pytest.MonkeyPatch) -> None:
         anneal(out), max_steps=2, batch_size=4, world_length=16, sample_steps=2, warmup_steps=1, decay_steps=2, **few))
     monkeypatch.setattr(builtin, "vision_config", lambda out: dataclasses.replace(
         vision(out), max_steps=2, batch_size=8, zero_shot_n=4, warmup_steps=1, decay_steps=2, **few))
+    monkeypatch.setattr(builtin, "lcm_config", lambda out: dataclasses.replace(
+        lcm(out), max_steps=2, batch_size=4, world_length=16, lora_rank=2, lora_alpha=2.0, warmup_steps=1,
+        decay_steps=2, **few))
 
 
 def test_builtin_stages_build_a_loadable_model(tmp_path: Path, tiny_stages) -> None:
@@ -57,6 +60,9 @@ def test_builtin_stages_build_a_loadable_model(tmp_path: Path, tiny_stages) -> N
     assert all(torch.equal(v.half(), load_clip_model(target / "clip").state_dict()[k]) for k, v in clip.items())
     assert all(torch.equal(v, clip[k]) for k, v in first.items() if k.startswith("text_model."))
     assert not torch.equal(first["visual_projection.weight"], clip["visual_projection.weight"])
+    # The fast default's LCM-LoRA from the lcm stage, which merges into the assembled model.
+    assert (target / "lcm_lora.safetensors").read_bytes() == (out / "lcm" / "lcm_lora.safetensors").read_bytes()
+    pipe.load_lora(target / "lcm_lora.safetensors")
     weights = [f for f in target.rglob("*.safetensors")]
     assert weights and all(f.stat().st_size < 40e6 for f in weights)
 
@@ -79,14 +85,14 @@ def test_builtin_jobs_run_stages_in_processes_once_their_inputs_exist(tmp_path: 
 
     out, launched = tmp_path / "runs", []
     needs_export = {"clip": "clip/text_encoder/config.json", "vae": "vae/vae/config.json", "unet": "unet/model/model_index.json",
-                    "decoder": "decoder/vae/config.json"}
+                    "decoder": "decoder/vae/config.json", "anneal": "anneal/model/model_index.json"}
 
     def fake_process(out_: Path, stage: str, threads: int) -> subprocess.Popen:
         launched.append((stage, threads))
         inputs = [str(out_ / needs_export[need]) for need in builtin.STAGE_NEEDS[stage]]
         runs = {"clip": "text_encoder/config.json", "vae": "vae/config.json", "unet": "model/model_index.json",
                 "decoder": "vae/config.json", "sharpen": "vae/config.json", "anneal": "model/model_index.json",
-                "vision": "clip/config.json"}
+                "vision": "clip/config.json", "lcm": "lcm_lora.safetensors"}
         export = out_ / stage / runs[stage]
         body = '{"scaling_factor": 0.5}' if stage == "vae" else "{}"
         pause = 1.0 if stage == "clip" else 0.1  # the vae finishes first: unet must still wait for clip

@@ -8,7 +8,7 @@
     latentdiff train lcm  --config lcm.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train taesd --config taesd.toml [--resume] [--out DIR] [--steps N]
     torchrun --standalone --nproc_per_node 2 -m latentdiff.cli train unet --config unet.toml   (data parallel)
-    latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|vision|assemble] [--target DIR] [--jobs N]
+    latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|vision|lcm|assemble] [--target DIR] [--jobs N]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         p.set_defaults(func=run_train_command)
     builtin = which.add_parser("builtin", help="reproduce the built-in Shapes World model from nothing, stage by stage")
     builtin.add_argument("--out", default="runs/builtin", help="run folder of all stages (default runs/builtin)")
-    builtin.add_argument("--stage", action="append", help="run only this stage (repeatable): clip, vae, unet, decoder, sharpen, anneal, vision, assemble")
+    builtin.add_argument("--stage", action="append", help="run only this stage (repeatable): clip, vae, unet, decoder, sharpen, anneal, vision, lcm, assemble")
     builtin.add_argument("--target", help="where the assembled model goes (default OUT/model)")
     builtin.add_argument("--jobs", type=int, default=1, metavar="N",
                          help="stages run at once, each in its own process with cores / N threads, as soon as "
