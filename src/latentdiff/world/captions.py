@@ -1,6 +1,6 @@
 """The caption language of Shapes World: write, parse, and sample captions and scenes.
 
-Grammar (``/work/shared/shapes-world.md``), words separated by single spaces::
+Grammar (the Shapes World specification), words separated by single spaces::
 
     caption := object [" and " object] [" on a " BG " background"]
     object  := "a " [SIZE " "] COLOR " " SHAPE [" " POSITION]

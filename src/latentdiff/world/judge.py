@@ -1,6 +1,6 @@
 """Judge an image against a caption: read the image back into objects, compare attributes.
 
-Reading (``/work/shared/shapes-world.md``, "Judging"):
+Reading (the Shapes World specification, "Judging"):
 
 1. every pixel is classified to the nearest palette colour (squared RGB
    distance, object and background colours together; ties go to the earlier

@@ -1,7 +1,7 @@
 """Shapes World v1: the constants of the world and the scene it draws.
 
 This module is the single source of truth for everything that
-``/work/shared/shapes-world.md`` fixes: canvas, palette, shapes, sizes, the
+the Shapes World specification fixes: canvas, palette, shapes, sizes, the
 3 x 3 grid and its phrases, the judge's thresholds. Renderer, captions, judge
 and dataset all read them from here.
 
