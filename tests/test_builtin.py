@@ -119,3 +119,22 @@ def test_builtin_failed_stage_process_is_named(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(builtin, "stage_process", lambda out, stage, threads: subprocess.Popen([sys.executable, "-c", "raise SystemExit(5)"]))
     with pytest.raises(StageFailed, match=r"clip \(exit status 5\)"):
         builtin.train_builtin(tmp_path, stages=("clip", "vae", "unet"), jobs=2)
+
+
+def test_recipe_times_count_side_by_side_stages_once(tmp_path: Path, capsys) -> None:
+    from latentdiff.cli import main
+
+    (tmp_path / "stages.csv").write_text(
+        "stage,started_utc,minutes,threads\n"
+        "clip,2026-01-01T10:00:00Z,30.0,1\n"
+        "vae,2026-01-01T10:10:00Z,40.0,1\n"  # beside clip: 10:00 - 10:50 is 50 minutes of wall time
+        "unet,2026-01-02T09:00:00Z,20.0,2\n"  # the next day: adds its own 20
+        "unet,2026-01-02T12:00:00Z,5.5,2\n")  # resumed: the stage's runs sum
+    per_stage, wall = builtin.recipe_times(tmp_path)
+    assert per_stage == {"clip": 30.0, "vae": 40.0, "unet": 25.5} and wall == pytest.approx(75.5)
+    assert main(["train", "builtin", "--out", str(tmp_path), "--times"]) == 0
+    assert "| `unet` | 25.5 |" in capsys.readouterr().out
+    (tmp_path / "stages.csv").write_text("stage,started_utc,minutes,threads\nclip,yesterday,3,1\n")
+    with pytest.raises(latentdiff.CheckpointError, match=r"stages.csv:2: not a stage"):
+        builtin.recipe_times(tmp_path)
+    assert main(["train", "builtin", "--out", str(tmp_path / "nothing"), "--times"]) == 2

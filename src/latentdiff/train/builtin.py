@@ -38,6 +38,7 @@ Why these sizes (64x64 images, 2 CPU cores, a 3-hour budget):
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import json
 import os
@@ -284,6 +285,38 @@ def _record_stage_time(out: Path, stage: str, started: float, seconds: float) ->
             f.write("stage,started_utc,minutes,threads\n")
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
         f.write(f"{stage},{when},{seconds / 60:.1f},{torch.get_num_threads()}\n")
+
+
+def recipe_times(out: Path) -> tuple[dict[str, float], float]:
+    """From ``out/stages.csv``: the minutes of each stage (summed over its runs) and the recipe's
+    wall time, the union of the runs' intervals (stages side by side count once; runs in
+    separate sessions add up)."""
+    file = out / "stages.csv"
+    if not file.is_file():
+        raise CheckpointError(f"{file} does not exist: no stage has run in {out}")
+    per_stage: dict[str, float] = {}
+    intervals = []
+    for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines()[1:], start=2):
+        try:
+            stage, started, minutes, _threads = line.split(",")
+            start = calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ"))
+            length = float(minutes)
+        except ValueError:
+            raise CheckpointError(f"{file}:{line_no}: not a stage,started_utc,minutes,threads row: {line!r}") from None
+        per_stage[stage] = per_stage.get(stage, 0.0) + length
+        intervals.append((start, start + 60 * length))
+    wall, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        wall += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return per_stage, wall / 60
+
+
+def times_table(out: Path) -> str:
+    """:func:`recipe_times` as a Markdown table."""
+    per_stage, wall = recipe_times(out)
+    rows = [f"| `{stage}` | {minutes:.1f} |" for stage, minutes in per_stage.items()]
+    return "\n".join(["| stage | minutes |", "|---|---:|", *rows, f"| **wall time** | **{wall:.1f}** ({wall / 60:.2f} h) |"])
 
 
 def stage_process(out: Path, stage: str, threads: int) -> subprocess.Popen:

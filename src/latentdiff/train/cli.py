@@ -8,7 +8,7 @@
     latentdiff train lcm  --config lcm.toml  [--resume] [--out DIR] [--steps N]
     latentdiff train taesd --config taesd.toml [--resume] [--out DIR] [--steps N]
     torchrun --standalone --nproc_per_node 2 -m latentdiff.cli train unet --config unet.toml   (data parallel)
-    latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|vision|lcm|assemble] [--target DIR] [--jobs N]
+    latentdiff train builtin [--out runs/builtin] [--stage clip|vae|unet|decoder|sharpen|anneal|vision|lcm|assemble] [--target DIR] [--jobs N] [--times]
 """
 
 from __future__ import annotations
@@ -107,18 +107,27 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     builtin.add_argument("--jobs", type=int, default=1, metavar="N",
                          help="stages run at once, each in its own process with cores / N threads, as soon as "
                               "the stages they read are done (default 1: one after another)")
+    builtin.add_argument("--times", action="store_true",
+                         help="only print each stage's minutes and the recipe's wall time, from OUT/stages.csv")
     builtin.set_defaults(func=run_builtin_command)
     return train
 
 
 def run_builtin_command(args: argparse.Namespace) -> int:
     """``train builtin``: every stage in order, each resuming its own checkpoint."""
-    from .builtin import STAGES, train_builtin
+    from pathlib import Path
+
+    from .builtin import STAGES, times_table, train_builtin
     from .stages import StageFailed
 
     stages = tuple(args.stage) if args.stage else STAGES
     try:
+        if args.times:
+            print(times_table(Path(args.out)))
+            return 0
         print(f"built-in model: {train_builtin(args.out, stages, args.target, jobs=args.jobs)}")
+        if (Path(args.out) / "stages.csv").is_file():
+            print(times_table(Path(args.out)))
     except (StageFailed, ValueError, TrainConfigError, CheckpointError) as err:
         where = f" (each stage's output is in {args.out}/STAGE/console.log)" if isinstance(err, StageFailed) else ""
         print(f"latentdiff train builtin: {err}{where}", file=sys.stderr)
