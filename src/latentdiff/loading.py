@@ -36,6 +36,8 @@ from .schedule import ScheduleConfig
 
 BUILTIN_MODEL = Path(__file__).parent / "weights" / "shapes-v2"
 
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
 
 def shown_path(path: str | Path) -> str:
     """``path`` as reports show it: inside the installed package as ``latentdiff/...`` (so a
@@ -44,8 +46,6 @@ def shown_path(path: str | Path) -> str:
         return str(Path("latentdiff") / Path(path).resolve().relative_to(Path(__file__).parent.resolve()))
     except ValueError:
         return str(path)
-
-WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
 
 def load(

@@ -56,7 +56,7 @@ from ..checkpoints.errors import CheckpointError
 from ..checkpoints.io import atomic_path
 from .clip import CLIPTrainConfig
 from .config import UNetTrainConfig, VAETrainConfig
-from .lcm import EXPORT_NAME as LCM_EXPORT, LCMTrainConfig
+from .lcm import EXPORT_NAME as LCM_EXPORT, LCMTrainConfig, train_lcm
 from .stages import run_concurrently
 
 STAGES = ("clip", "vae", "unet", "decoder", "sharpen", "anneal", "vision", "lcm", "assemble")
@@ -240,8 +240,8 @@ def assemble(out: Path, target: Path, dtype: torch.dtype = torch.float16) -> Pat
 
 
 STAGE_NEEDS: dict[str, tuple[str, ...]] = {  # what each stage reads; in priority order, the critical path first
-    "clip": (), "vae": (), "unet": ("clip", "vae"), "decoder": ("vae",), "anneal": ("unet",), "sharpen": ("decoder",),
-    "vision": ("clip",), "lcm": ("anneal",),
+    "clip": (), "vae": (), "unet": ("clip", "vae"), "decoder": ("vae",), "anneal": ("unet",), "lcm": ("anneal",),
+    "sharpen": ("decoder",), "vision": ("clip",),
 }
 
 
@@ -255,7 +255,6 @@ STAGE_EXPORTS: dict[str, str] = {  # the file in out/STAGE/ whose presence means
 def _stage_trainers() -> dict[str, tuple[Callable[..., Any], Callable[[Path], Any]]]:
     """Stage -> (trainer, config of the run folder)."""
     from .clip import train_clip
-    from .lcm import train_lcm
     from .unet import train_unet
     from .vae import train_vae
 
