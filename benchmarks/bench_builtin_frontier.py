@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_builtin import prompt_adherence  # noqa: E402
+from bench_builtin import overall, prompt_adherence  # noqa: E402
 
 import latentdiff  # noqa: E402
 from latentdiff.eval.plot import Series, line_plot  # noqa: E402
@@ -98,9 +98,7 @@ def main() -> None:
         report, _ = prompt_adherence(pipe, prompts, args.batch, steps, sampler=sampler, guidance_scale=guidance,
                                      cache_interval=cache)
         seconds = (time.perf_counter() - t0) / len(prompts)
-        one, two = report["1 object"]["caption"], report["2 objects"]["caption"]
-        n1, n2 = report["1 object"]["n"], report["2 objects"]["n"]
-        both = (one * n1 + two * n2) / (n1 + n2)
+        one, two, both = report["1 object"]["caption"], report["2 objects"]["caption"], overall(report)
         row = {"setting": name_of(dtype, sampler, steps, guidance, cache) + (" + LCM-LoRA" if lora else ""),
                "dtype": dtype, "sampler": sampler,
                "steps": steps, "guidance": guidance, "cache_interval": cache, "s_per_image": seconds,

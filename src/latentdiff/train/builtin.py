@@ -275,14 +275,18 @@ def _ensure_scaling_factor(out: Path) -> None:
         print(f"latent scaling factor: {_set_scaling_factor(vae_folder)}")
 
 
+STAGES_CSV_HEADER = "stage,started_utc,minutes,threads"  # out/stages.csv, one row per run of a stage
+STARTED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # its started_utc
+
+
 def _record_stage_time(out: Path, stage: str, started: float, seconds: float) -> None:
     """Append one run of a stage to ``out/stages.csv`` (a resumed stage has one row per run)."""
     file = out / "stages.csv"
     new = not file.is_file()
     with file.open("a", encoding="utf-8") as f:
         if new:
-            f.write("stage,started_utc,minutes,threads\n")
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+            f.write(STAGES_CSV_HEADER + "\n")
+        when = time.strftime(STARTED_FORMAT, time.gmtime(started))
         f.write(f"{stage},{when},{seconds / 60:.1f},{torch.get_num_threads()}\n")
 
 
@@ -298,10 +302,10 @@ def recipe_times(out: Path) -> tuple[dict[str, float], float]:
     for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines()[1:], start=2):
         try:
             stage, started, minutes, _threads = line.split(",")
-            start = calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ"))
+            start = calendar.timegm(time.strptime(started, STARTED_FORMAT))
             length = float(minutes)
         except ValueError:
-            raise CheckpointError(f"{file}:{line_no}: not a stage,started_utc,minutes,threads row: {line!r}") from None
+            raise CheckpointError(f"{file}:{line_no}: not a {STAGES_CSV_HEADER} row: {line!r}") from None
         per_stage[stage] = per_stage.get(stage, 0.0) + length
         intervals.append((start, start + 60 * length))
     wall, reach = 0.0, float("-inf")
