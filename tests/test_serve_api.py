@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import threading
 import time
@@ -188,7 +189,9 @@ def test_options_samplers_schedulers_png_info_and_lists(api, served) -> None:
     info = api.png_info(image).info
     assert info.startswith(PROMPT) and "Seed: 9" in info
     assert api.get_loras() == [] and api.get_embeddings() == {"loaded": {}, "skipped": {}}
-    assert "ram" in api.get_memory()
+    ram = api.get_memory()["ram"]  # "used" is this (in-process) server's resident memory, as A1111's
+    rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert 0.5 * rss < ram["used"] < 2 * rss < ram["total"] and 0 < ram["free"] < ram["total"]
     assert requests.post(f"{url}/sdapi/v1/refresh-checkpoints").status_code == 200
 
 

@@ -90,6 +90,22 @@ def available_memory() -> int | None:
     return min(values) if values else None
 
 
+def total_memory() -> int | None:
+    """The machine's physical memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def process_memory() -> int | None:
+    """This process' resident set size in bytes, now (None where /proc does not say)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def memory_budget(budget: int | str | None = None) -> int | None:
     """The budget in bytes (see the module docstring); None when nothing bounds it."""
     if budget is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import threading
 import time
 from pathlib import Path
@@ -358,13 +357,9 @@ def create_app(config: ServeConfig) -> Guard:
 
     @app.get("/sdapi/v1/memory")
     async def memory() -> dict:
-        total = None
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            pass
-        free = budget.available_memory()
-        ram = {"free": free, "total": total, "used": (total - free) if total and free else None}
+        # A1111's "used" is the server process' resident memory; "free" here is what it could still
+        # allocate (the smaller of the system's available memory and the cgroup's headroom).
+        ram = {"free": budget.available_memory(), "used": budget.process_memory(), "total": budget.total_memory()}
         cuda = ({"system": {"free": torch.cuda.mem_get_info()[0], "total": torch.cuda.mem_get_info()[1]}}
                 if torch.cuda.is_available() else {"error": "no CUDA device"})
         return {"ram": ram, "cuda": cuda}
