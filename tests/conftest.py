@@ -136,6 +136,33 @@ def diffusers_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path)
     return save_with_sd15_scheduler(tiny_diffusers_pipeline(tokenizer_dir), tmp_path_factory.mktemp("sd-tiny"))
 
 
+@pytest.fixture(scope="module")
+def pipe(diffusers_dir: Path):
+    """latentdiff on the tiny diffusers pipeline (module-scoped; shared by the pipeline tests)."""
+    import latentdiff
+
+    return latentdiff.load(diffusers_dir)
+
+
+@pytest.fixture(scope="module")
+def ref(diffusers_dir: Path):
+    """diffusers' own StableDiffusionPipeline on the same folder."""
+    import diffusers
+
+    return diffusers.StableDiffusionPipeline.from_pretrained(diffusers_dir)
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    """A blocky 32x32 RGB image (PIL) for img2img and inpainting."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = np.kron(rng.integers(0, 255, (8, 8, 3)), np.ones((4, 4, 1))).astype(np.uint8)  # blocky 32x32
+    return Image.fromarray(base)
+
+
 @pytest.fixture(scope="session")
 def diffusers_inpaint_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A tiny 9-channel inpainting pipeline saved by diffusers, SD 1.5's scheduler config."""

@@ -51,23 +51,6 @@ def assert_images_match(ours, theirs, tol: int = 1) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipe(diffusers_dir: Path) -> latentdiff.Pipeline:
-    return latentdiff.load(diffusers_dir)
-
-
-@pytest.fixture(scope="module")
-def ref(diffusers_dir: Path):
-    return diffusers.StableDiffusionPipeline.from_pretrained(diffusers_dir)
-
-
-@pytest.fixture(scope="module")
-def init_image() -> Image.Image:
-    rng = np.random.default_rng(0)
-    base = np.kron(rng.integers(0, 255, (8, 8, 3)), np.ones((4, 4, 1))).astype(np.uint8)  # blocky 32x32
-    return Image.fromarray(base)
-
-
-@pytest.fixture(scope="module")
 def mask() -> Image.Image:
     m = np.zeros((32, 32), np.uint8)
     m[8:24, 12:32] = 255  # white = repaint

@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import assert_rel_close, tiny_diffusers_components
 from test_generate import PROMPTS, SEED, SIZE, compare, generators, with_scheduler
-from test_generate import init_image, pipe, ref  # noqa: F401  (fixtures shared with the other pipeline tests)
 from test_samplers import run_diffusers, run_ours
 
 import latentdiff
