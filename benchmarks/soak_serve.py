@@ -15,16 +15,17 @@ from pathlib import Path
 
 import requests
 
+from latentdiff.budget import process_memory
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from serve_helpers import live_server  # noqa: E402
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    rss = process_memory()
+    if rss is None:
+        raise RuntimeError("this system does not report the process' resident memory (/proc/self/statm)")
+    return rss
 
 
 def main() -> None:
